@@ -1,0 +1,13 @@
+"""Encoders and feature maps. ``histosr.features.compute(section, encoder=...)``."""
+
+from .featuremap import FeatureMap
+from .registry import available_encoders, get_encoder, register_encoder
+
+__all__ = ["FeatureMap", "available_encoders", "get_encoder", "register_encoder", "compute"]
+
+
+def compute(section, encoder: str = "handcrafted", **kwargs) -> FeatureMap:
+    """Per-superpixel features of a section (see :func:`histosr.features.tiling.compute`)."""
+    from .tiling import compute as _compute
+
+    return _compute(section, encoder=encoder, **kwargs)

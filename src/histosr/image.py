@@ -1,0 +1,162 @@
+"""Lazy image handles: the whole slide is never loaded unless it is small.
+
+An :class:`ImageSource` exposes ``shape`` (H, W, 3) and ``read(y0, x0, h, w)`` returning an
+RGB uint8 array of that region (rows y0..y0+h, columns x0..x0+w), padded with white where
+the region leaves the image.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+WHITE = 255
+
+
+class ImageSource:
+    """Base class; subclasses implement ``shape`` and ``_read`` (in-bounds region)."""
+
+    path: str | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _read(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
+
+    def read(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        """Region of ``h`` rows x ``w`` columns at (row y0, column x0), white-padded."""
+        H, W = self.shape[:2]
+        out = np.full((h, w, 3), WHITE, dtype=np.uint8)
+        ya, xa = max(y0, 0), max(x0, 0)
+        yb, xb = min(y0 + h, H), min(x0 + w, W)
+        if yb > ya and xb > xa:
+            out[ya - y0 : yb - y0, xa - x0 : xb - x0] = self._read(ya, xa, yb, xb)
+        return out
+
+    def thumbnail(self, max_side: int = 1024) -> np.ndarray:
+        """Downsampled RGB image (for previews), reading in strips to bound memory."""
+        from PIL import Image
+
+        H, W = self.shape[:2]
+        f = max(1, int(np.ceil(max(H, W) / max_side)))
+        strip = 2048 // f * f or f
+        rows = []
+        for y in range(0, H, strip):
+            h = min(strip, H - y)
+            a = self.read(y, 0, h, W)[::f, ::f]
+            rows.append(a)
+        t = np.concatenate(rows, axis=0)
+        th, tw = int(np.ceil(H / f)), int(np.ceil(W / f))
+        if t.shape[:2] != (th, tw):
+            t = np.asarray(Image.fromarray(t).resize((tw, th)))
+        return t
+
+
+class ArrayImage(ImageSource):
+    """An image already in memory (small sections, synthetic data, tests)."""
+
+    def __init__(self, array: np.ndarray):
+        a = np.asarray(array)
+        if a.ndim == 2:
+            a = np.repeat(a[..., None], 3, axis=2)
+        if a.ndim != 3 or a.shape[2] < 3:
+            raise ValueError(f"expected an (H, W, 3) RGB image, got shape {a.shape}")
+        if a.dtype != np.uint8:
+            a = np.clip(a, 0, 255).astype(np.uint8)
+        self.array = a[..., :3]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+    def _read(self, y0, x0, y1, x1):
+        return self.array[y0:y1, x0:x1]
+
+
+class ZarrImage(ImageSource):
+    """A chunked on-disk (H, W, 3) uint8 zarr array: whole slides in bounded memory."""
+
+    def __init__(self, array_or_path):
+        import zarr
+
+        if isinstance(array_or_path, (str, os.PathLike)):
+            self.path = str(array_or_path)
+            array_or_path = zarr.open(self.path, mode="r")
+        self.array = array_or_path
+
+    @property
+    def shape(self):
+        return tuple(self.array.shape)
+
+    def _read(self, y0, x0, y1, x1):
+        return np.asarray(self.array[y0:y1, x0:x1, :3])
+
+
+class FileImage(ImageSource):
+    """An image file (JPEG/PNG/TIFF). TIFFs are memory-mapped through tifffile when
+    possible; other formats are decoded on first read (they cannot be read in parts)."""
+
+    def __init__(self, path: str | os.PathLike):
+        from PIL import Image
+
+        self.path = str(path)
+        if not Path(self.path).is_file():
+            raise FileNotFoundError(f"image file not found: {self.path}")
+        self._array: np.ndarray | None = None
+        self._tiff = None
+        suffix = Path(self.path).suffix.lower()
+        if suffix in (".tif", ".tiff", ".btf"):
+            try:
+                import tifffile
+                import zarr
+
+                store = tifffile.imread(self.path, aszarr=True, level=0)
+                z = zarr.open(store, mode="r")
+                self._tiff = z if hasattr(z, "shape") else z[0]
+            except Exception:  # noqa: BLE001 - fall back to PIL below
+                self._tiff = None
+        if self._tiff is not None:
+            shp = self._tiff.shape
+            if shp[0] in (3, 4) and shp[-1] not in (3, 4):  # planar CYX
+                raise ValueError(f"planar (C, Y, X) TIFFs are not supported: {self.path}")
+            self._shape = (shp[0], shp[1], 3)
+        else:
+            Image.MAX_IMAGE_PIXELS = None  # slides are large on purpose
+            with Image.open(self.path) as im:
+                self._shape = (im.height, im.width, 3)
+
+    @property
+    def shape(self):
+        return self._shape
+
+    def _load(self) -> np.ndarray:
+        if self._array is None:
+            from PIL import Image
+
+            with Image.open(self.path) as im:
+                self._array = np.asarray(im.convert("RGB"))
+        return self._array
+
+    def _read(self, y0, x0, y1, x1):
+        if self._tiff is not None:
+            a = np.asarray(self._tiff[y0:y1, x0:x1])
+            if a.ndim == 2:
+                a = np.repeat(a[..., None], 3, axis=2)
+            return a[..., :3].astype(np.uint8, copy=False)
+        return self._load()[y0:y1, x0:x1]
+
+
+def open_image(path_or_array) -> ImageSource:
+    """An :class:`ImageSource` for a path (file or zarr folder) or an array."""
+    if isinstance(path_or_array, ImageSource):
+        return path_or_array
+    if isinstance(path_or_array, np.ndarray):
+        return ArrayImage(path_or_array)
+    p = Path(path_or_array)
+    if p.is_dir():
+        return ZarrImage(p)
+    return FileImage(p)
