@@ -39,7 +39,9 @@ class ConsistencyScaler:
     @classmethod
     def fit(cls, grid, footprints, F, pred, measured) -> ConsistencyScaler:
         """``F`` (n_spots, n_cells) footprint matrix over the cells of ``pred`` (n_cells, G)."""
-        floor = FLOOR * np.maximum(pred.mean(axis=0), 1e-12)
+        mean = pred.mean(axis=0)
+        # a gene predicted as zero everywhere gets a flat floor (any constant: it is rescaled)
+        floor = np.where(mean > 1e-8, FLOOR * mean, 1.0)
         sums = np.asarray(F @ (pred + floor))
         factors = measured / np.maximum(sums, 1e-12)
         return cls(grid, footprints, factors.astype(np.float32), floor.astype(np.float32))

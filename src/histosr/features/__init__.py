@@ -11,3 +11,14 @@ def compute(section, encoder: str = "handcrafted", **kwargs) -> FeatureMap:
     from .tiling import compute as _compute
 
     return _compute(section, encoder=encoder, **kwargs)
+
+
+class _CallableModule(__import__("types").ModuleType):
+    """``histosr.features(section, encoder=...)`` is :func:`compute` (scanpy-style verb)
+    while ``histosr.features`` stays the subpackage."""
+
+    def __call__(self, section, encoder: str = "handcrafted", **kwargs) -> FeatureMap:
+        return compute(section, encoder=encoder, **kwargs)
+
+
+__import__("sys").modules[__name__].__class__ = _CallableModule

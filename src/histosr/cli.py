@@ -1,0 +1,271 @@
+"""The ``histosr`` command line. User mistakes print one clear line, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _section_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("section", help="data folder or file (Visium/ST/iStar folder, h5ad, "
+                   "her2st root with --name)")
+    p.add_argument("--reader", help="reader name (her2st, st, visium, visium_hd, istar, h5ad); "
+                   "default: detect from the layout")
+    p.add_argument("--name", help="section name inside a her2st-style root (e.g. C2)")
+    p.add_argument("--image", help="full-resolution image (overrides the one in the folder)")
+    p.add_argument("--um-per-px", type=float, help="microns per full-resolution pixel")
+
+
+def _read(args):
+    from .pipeline import read_section
+
+    spec = {"path": args.section}
+    if args.reader:
+        spec["reader"] = args.reader
+    if args.name:
+        spec["name"] = args.name
+    if args.image:
+        spec["image"] = args.image
+    if args.um_per_px:
+        spec["um_per_px"] = args.um_per_px
+    return read_section(spec)
+
+
+def cmd_run(args) -> int:
+    from .pipeline import load_config, run
+
+    cfg = load_config(args.config)
+    rep = run(cfg, out=args.out, progress=not args.quiet)
+    print(f"report: {rep.out_dir / 'report.html'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import demo
+
+    path = demo(out=args.out, seed=args.seed, progress=not args.quiet)
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_features(args) -> int:
+    from . import features
+
+    section = _read(args)
+    fm = features.compute(section, encoder=args.encoder, out=args.out,
+                          progress=not args.quiet)
+    print(json.dumps({"features": fm.path, "shape": list(fm.features.shape),
+                      "tissue_superpixels": int(fm.mask.sum()), "encoder": fm.encoder}))
+    return 0
+
+
+def _load_features(args, section):
+    from . import features
+    from .features import FeatureMap
+
+    if getattr(args, "features", None):
+        return FeatureMap.load(args.features)
+    return features.compute(section, encoder=args.encoder,
+                            cache_dir=Path(args.out) / "cache", progress=not args.quiet)
+
+
+def cmd_fit(args) -> int:
+    from .methods.base import get_method
+    from .pipeline import choose_genes
+
+    section = _read(args)
+    fm = _load_features(args, section)
+    params = json.loads(args.params) if args.params else {}
+    params["seed"] = args.seed
+    params["consistency"] = args.consistency
+    method = get_method(args.method, **params)
+    genes = choose_genes(section, args.n_genes)
+    method.fit([section], [fm], genes=genes)
+    method.save(Path(args.out) / "model")
+    print(f"model: {Path(args.out) / 'model'}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .methods.base import Method
+    from .outputs import write_h5ad, write_maps_from_anndata
+    from .pl import previews
+
+    section = _read(args)
+    fm = _load_features(args, section)
+    method = Method.load(args.model)
+    pred = method.predict(section, fm, at=args.at)
+    out = Path(args.out)
+    p = write_h5ad(pred, out / "prediction.h5ad")
+    if args.at == "superpixels":
+        write_maps_from_anndata(pred, out / "maps.zarr")
+    if args.genes:
+        previews(pred, [g for g in args.genes.split(",") if g in pred.var_names],
+                 out / "previews", section=section)
+    print(f"prediction: {p}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import anndata as ad
+    import numpy as np
+
+    from .metrics import log_cp10k, pcc_per_gene
+
+    pred = ad.read_h5ad(args.prediction)
+    section = _read(args)
+    common = [s for s in pred.obs_names if s in section.counts.obs_names]
+    if not common:
+        raise ValueError("the prediction's observations share no spot id with the section: "
+                         "predict with --at spots first")
+    genes = [g for g in pred.var_names if g in section.counts.var_names]
+    lib = section.dense_counts()[section.counts.obs_names.get_indexer(common)].sum(1, keepdims=True)
+    truth = log_cp10k(section.counts[common, genes].X.toarray()
+                      if hasattr(section.counts.X, "toarray") else
+                      np.asarray(section.counts[common, genes].X), lib)
+    est = log_cp10k(np.asarray(pred[common, genes].X, dtype=np.float64), lib)
+    r = pcc_per_gene(est, truth)
+    print(json.dumps({"n_spots": len(common), "n_genes": len(genes),
+                      "pcc_mean": float(np.mean(r)), "pcc_median": float(np.median(r))}))
+    return 0
+
+
+def cmd_benchmark(args) -> int:
+    from . import benchmark
+
+    res = benchmark.run(
+        args.protocol, method=args.method, encoder=args.encoder, data=args.data,
+        sections=args.sections.split(",") if args.sections else None, epochs=args.epochs,
+        n_states=args.n_states, seed=args.seed, out=args.out,
+        consistency=args.consistency, progress=not args.quiet,
+    )
+    print(json.dumps({"protocol": res["protocol"], "method": res["method"], "mean": res["mean"]}))
+    print(f"results: {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def cmd_simulate(args) -> int:
+    from .simulate import synthetic_visium
+    from .io import write_istar
+
+    s = synthetic_visium(seed=args.seed)
+    write_istar(s, args.out)
+    print(f"synthetic section written in iStar layout: {args.out} ({s.n_spots} spots)")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    import platform
+
+    import torch
+
+    from . import __version__
+    from .features import available_encoders
+    from .methods.base import available_methods
+
+    info = {
+        "histosr": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "cuda": torch.cuda.is_available(),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "cpu_threads": torch.get_num_threads(), "encoders": available_encoders(),
+        "methods": available_methods(),
+    }
+    from .datasets import data_dir
+
+    d = data_dir()
+    info["real_data"] = str(d) if d else "not found (set HISTOSR_DATA)"
+    for k, v in info.items():
+        print(f"{k:>14}: {v}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="histosr", description=__doc__)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("run", help="whole pipeline from a YAML config")
+    s.add_argument("config")
+    s.add_argument("--out", help="run folder (default: the config's 'out')")
+    s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("demo", help="complete run on a synthetic section, with a report")
+    s.add_argument("--out", default="demo_out")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_demo)
+
+    s = sub.add_parser("features", help="compute a feature map (zarr)")
+    _section_args(s)
+    s.add_argument("--encoder", default="handcrafted")
+    s.add_argument("--out", required=True, help="output zarr folder")
+    s.set_defaults(fn=cmd_features)
+
+    for name, fn, hlp in (("fit", cmd_fit, "fit a method on a section"),
+                          ("predict", cmd_predict, "predict with a fitted model")):
+        s = sub.add_parser(name, help=hlp)
+        _section_args(s)
+        s.add_argument("--encoder", default="handcrafted")
+        s.add_argument("--features", help="feature map zarr (default: compute and cache)")
+        s.add_argument("--out", required=True)
+        s.set_defaults(fn=fn)
+    fit = sub.choices["fit"]
+    fit.add_argument("--method", default="istar")
+    fit.add_argument("--params", help='JSON hyper-parameters, e.g. \'{"epochs": 100}\'')
+    fit.add_argument("--n-genes", type=int, default=1000)
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--consistency", action=argparse.BooleanOptionalAction, default=True)
+    pr = sub.choices["predict"]
+    pr.add_argument("--model", required=True, help="model folder written by `histosr fit`")
+    pr.add_argument("--at", default="superpixels", choices=["superpixels", "spots"])
+    pr.add_argument("--genes", help="comma-separated genes for PNG previews")
+
+    s = sub.add_parser("evaluate", help="score a spot-level prediction against a section")
+    _section_args(s)
+    s.add_argument("--prediction", required=True)
+    s.set_defaults(fn=cmd_evaluate)
+
+    s = sub.add_parser("benchmark", help="accuracy protocols of BENCHMARKS.md")
+    s.add_argument("protocol", choices=["p2", "p4"])
+    s.add_argument("--method", required=True)
+    s.add_argument("--encoder", default="handcrafted")
+    s.add_argument("--data", help="data folder (default: $HISTOSR_DATA or ../shared/data)")
+    s.add_argument("--sections", help="comma-separated sections, e.g. C2,C3")
+    s.add_argument("--epochs", type=int)
+    s.add_argument("--n-states", type=int)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--consistency", action=argparse.BooleanOptionalAction, default=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_benchmark)
+
+    s = sub.add_parser("simulate", help="write a synthetic section with known 8 um truth")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_simulate)
+
+    s = sub.add_parser("doctor", help="check the install, devices, encoders and data")
+    s.set_defaults(fn=cmd_doctor)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .pipeline import ConfigError
+    from .section import SectionError
+
+    args = build_parser().parse_args(argv)
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        return int(args.fn(args) or 0)
+    except (SectionError, ConfigError, FileNotFoundError, ValueError, KeyError) as e:
+        if os.environ.get("HISTOSR_DEBUG"):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"histosr: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

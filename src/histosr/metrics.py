@@ -1,0 +1,174 @@
+"""Scores: per-gene PCC / Spearman / RMSE across spots, MAE, MSE, SSIM and RMSE on 8 um
+maps, and the HEST gene-set rule. The only code that turns predictions into the numbers
+of ``BENCHMARKS.md``.
+
+Matrices are (observations x genes): rows are spots or superpixels, columns genes. Maps are
+(H, W, G) cubes on the superpixel grid, like ``Section.truth["cube"]``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+
+def _dense(x) -> np.ndarray:
+    if sp.issparse(x):
+        x = x.toarray()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _as_2d(x) -> np.ndarray:
+    x = _dense(x)
+    return x[:, None] if x.ndim == 1 else x
+
+
+def log_cp10k(counts, library_size=None) -> np.ndarray:
+    """log1p(counts / library * 1e4) per row (spot). ``library_size`` (n,) defaults to the
+    row sums of ``counts``; a row with library 0 scores 0 everywhere."""
+    x = _as_2d(counts)
+    lib = x.sum(axis=1) if library_size is None else _dense(library_size).ravel()
+    if lib.shape[0] != x.shape[0]:
+        raise ValueError(f"library_size has {lib.shape[0]} entries for {x.shape[0]} rows")
+    scale = np.divide(1e4, lib, out=np.zeros_like(lib), where=lib > 0)
+    return np.log1p(x * scale[:, None])
+
+
+def _check_pair(pred, truth) -> tuple[np.ndarray, np.ndarray]:
+    p, t = _as_2d(pred), _as_2d(truth)
+    if p.shape != t.shape:
+        raise ValueError(f"prediction {p.shape} and truth {t.shape} differ in shape")
+    return p, t
+
+
+def pcc_per_gene(pred, truth) -> np.ndarray:
+    """Pearson r per column (gene) across rows. A gene constant (or non-finite) in the
+    prediction or the truth scores 0 (the BENCHMARKS rule)."""
+    p, t = _check_pair(pred, truth)
+    if p.shape[0] < 2:
+        return np.zeros(p.shape[1])
+    pc = p - p.mean(axis=0)
+    tc = t - t.mean(axis=0)
+    num = (pc * tc).sum(axis=0)
+    den = np.sqrt((pc**2).sum(axis=0) * (tc**2).sum(axis=0))
+    # relative tolerance: a column that is constant up to rounding counts as constant
+    tiny = 1e-12 * (np.abs(p).max(axis=0) * np.abs(t).max(axis=0) + 1e-300) * p.shape[0]
+    ok = np.isfinite(den) & (den > tiny)
+    r = np.zeros(p.shape[1])
+    r[ok] = num[ok] / den[ok]
+    return np.clip(r, -1.0, 1.0)
+
+
+def spearman_per_gene(pred, truth) -> np.ndarray:
+    """Spearman rho per gene (Pearson r of average ranks); constant genes score 0."""
+    from scipy.stats import rankdata
+
+    p, t = _check_pair(pred, truth)
+    return pcc_per_gene(rankdata(p, axis=0), rankdata(t, axis=0))
+
+
+def rmse_per_gene(pred, truth) -> np.ndarray:
+    """Root mean squared error per gene across rows."""
+    p, t = _check_pair(pred, truth)
+    return np.sqrt(((p - t) ** 2).mean(axis=0))
+
+
+def mae(pred, truth) -> float:
+    """Mean absolute error over all entries."""
+    p, t = _check_pair(pred, truth)
+    return float(np.abs(p - t).mean())
+
+
+def mse(pred, truth) -> float:
+    """Mean squared error over all entries."""
+    p, t = _check_pair(pred, truth)
+    return float(((p - t) ** 2).mean())
+
+
+def _maps(x, mask: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim == 2:
+        x = x[..., None]
+    if x.shape[:2] != mask.shape:
+        raise ValueError(f"maps {x.shape[:2]} and mask {mask.shape} differ in shape")
+    return x
+
+
+def normalise_maps(maps, mask) -> np.ndarray:
+    """Per-gene min-max normalisation of (H, W, G) maps over the tissue superpixels, with
+    everything outside the tissue set to 0 (BENCHMARKS P4). A gene constant over the tissue
+    becomes 0 there."""
+    mask = np.asarray(mask, dtype=bool)
+    x = _maps(maps, mask)
+    vals = x[mask]  # (n_tissue, G)
+    out = np.zeros_like(x)
+    if vals.size == 0:
+        return out
+    lo, hi = vals.min(axis=0), vals.max(axis=0)
+    rng = hi - lo
+    scale = np.divide(1.0, rng, out=np.zeros_like(rng), where=rng > 0)
+    out[mask] = (vals - lo) * scale
+    return out
+
+
+def ssim_per_gene(pred_maps, truth_maps, mask) -> np.ndarray:
+    """SSIM per gene between (H, W, G) maps (BENCHMARKS P4, HISTEX SSIM.py): each map is
+    min-max normalised per gene over the tissue, outside tissue = 0, then skimage
+    ``structural_similarity(truth, pred, data_range=1)`` with its default 7x7 window on the
+    whole map."""
+    from skimage.metrics import structural_similarity
+
+    mask = np.asarray(mask, dtype=bool)
+    p = normalise_maps(pred_maps, mask)
+    t = normalise_maps(truth_maps, mask)
+    if p.shape != t.shape:
+        raise ValueError(f"prediction maps {p.shape} and truth maps {t.shape} differ in shape")
+    if min(mask.shape) < 7:
+        raise ValueError(f"SSIM needs maps of at least 7x7 superpixels, got {mask.shape}")
+    return np.array([structural_similarity(t[..., g], p[..., g], data_range=1.0)
+                     for g in range(p.shape[2])])
+
+
+def rmse_maps(pred_maps, truth_maps, mask) -> np.ndarray:
+    """RMSE per gene between (H, W, G) maps after the SSIM normalisation, over tissue
+    superpixels only (HISTEX RMSE.py)."""
+    mask = np.asarray(mask, dtype=bool)
+    p = normalise_maps(pred_maps, mask)[mask]
+    t = normalise_maps(truth_maps, mask)[mask]
+    if p.shape != t.shape:
+        raise ValueError(f"prediction maps {p.shape} and truth maps {t.shape} differ in shape")
+    return rmse_per_gene(p, t)
+
+
+def select_genes(counts_matrix, genes, n: int, min_frac: float = 0.10) -> list[str]:
+    """The HEST gene-set rule (``top50`` with n=50, ``hvg1000`` with n=1000): genes with
+    count > 0 in at least ``min_frac`` of the reference spots, then the ``n`` with the
+    highest variance of log1p CP10k (library = each spot's total over all columns of
+    ``counts_matrix``, so pass every measured gene). Ties keep the input gene order. Fewer
+    than ``n`` genes are returned when fewer pass the filter."""
+    genes = [str(g) for g in genes]
+    is_sparse = sp.issparse(counts_matrix)
+    x = counts_matrix.tocsc() if is_sparse else np.asarray(counts_matrix, dtype=np.float64)
+    if x.shape[1] != len(genes):
+        raise ValueError(f"{x.shape[1]} columns but {len(genes)} gene names")
+    n_spots = x.shape[0]
+    if n_spots == 0:
+        return []
+    lib = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
+    if is_sparse:
+        frac = np.asarray((x > 0).sum(axis=0)).ravel() / n_spots
+    else:
+        frac = (x > 0).mean(axis=0)
+    keep = np.flatnonzero(frac >= min_frac)
+    if len(keep) == 0:
+        return []
+    sub = _dense(x[:, keep])
+    var = log_cp10k(sub, lib).var(axis=0)
+    order = np.argsort(-var, kind="stable")[:n]
+    return [genes[keep[i]] for i in order]
+
+
+__all__ = [
+    "log_cp10k", "pcc_per_gene", "spearman_per_gene", "rmse_per_gene", "mae", "mse",
+    "normalise_maps", "ssim_per_gene", "rmse_maps", "select_genes",
+]
