@@ -1,0 +1,121 @@
+"""Tissue masks on the 8 um superpixel grid, from per-superpixel mean colour.
+
+Background is either glass (bright and unsaturated) or blacked out (dark and unsaturated,
+as in display images); stained tissue - including pale stroma - has chroma (max - min of
+R, G, B). The score is the chroma of the superpixel's mean colour, zero for very dark
+superpixels; an Otsu threshold (clamped to a plausible range so a slide that is all tissue
+or all glass is not split in two) separates tissue from background, then a closing, hole
+filling (fat and lumens inside the tissue are tissue), an opening and removal of small
+components clean it up.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .geometry import SP_PX, grid_for
+
+
+def _otsu(values: np.ndarray, bins: int = 256) -> float:
+    values = values[np.isfinite(values)]
+    if values.size == 0 or values.min() == values.max():
+        return float(values.min()) if values.size else 0.0
+    hist, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist).astype(np.float64)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
+    m1 = (np.sum(hist * centres) - np.cumsum(hist * centres)) / np.maximum(w1, 1)
+    between = w0 * w1 * (m0 - m1) ** 2
+    return float(centres[int(np.argmax(between[:-1]))])
+
+
+def _disk(radius: int) -> np.ndarray:
+    d = np.arange(-radius, radius + 1)
+    return (d[:, None] ** 2 + d[None, :] ** 2) <= radius**2
+
+
+def tissue_score(rgb_sp: np.ndarray) -> np.ndarray:
+    """Chroma (0-255 scale) of each superpixel's mean colour; 0 where it is near-black."""
+    rgb = np.asarray(rgb_sp, dtype=np.float32)[..., :3]
+    if rgb.size and np.nanmax(rgb) <= 1.5:  # given in [0, 1]
+        rgb = rgb * 255.0
+    chroma = rgb.max(axis=2) - rgb.min(axis=2)
+    bright = rgb.mean(axis=2)
+    return np.where(bright < 30.0, 0.0, chroma).astype(np.float32)
+
+
+def tissue_mask(
+    rgb_sp: np.ndarray,
+    *,
+    threshold: float | None = None,
+    min_threshold: float = 8.0,
+    max_threshold: float = 30.0,
+    close_radius: int = 2,
+    open_radius: int = 1,
+    min_size_sp: int = 100,
+    fill_holes: bool = True,
+) -> np.ndarray:
+    """bool (H_sp, W_sp) tissue mask from per-superpixel mean colour (H_sp, W_sp, 3), in
+    0-255 or 0-1. ``threshold`` overrides Otsu on the chroma score; otherwise Otsu's
+    threshold is clamped to [min_threshold, max_threshold] (0-255 chroma units). Components
+    smaller than ``min_size_sp`` superpixels (and than 5% of the largest) are dropped."""
+    rgb_sp = np.asarray(rgb_sp)
+    if rgb_sp.ndim != 3 or rgb_sp.shape[2] < 3:
+        raise ValueError(f"expected per-superpixel colour (H_sp, W_sp, 3), got {rgb_sp.shape}")
+    score = tissue_score(rgb_sp)
+    if threshold is None:
+        threshold = float(np.clip(_otsu(score.ravel()), min_threshold, max_threshold))
+    m = score > threshold
+    if close_radius > 0:
+        # pad so closing does not erode tissue touching the image border
+        p = close_radius
+        m = ndi.binary_closing(np.pad(m, p, mode="edge"), _disk(close_radius))[p:-p, p:-p]
+    if fill_holes:
+        m = ndi.binary_fill_holes(m)
+    if open_radius > 0:
+        m = ndi.binary_opening(m, _disk(open_radius))
+    lab, n = ndi.label(m)
+    if n:
+        sizes = np.bincount(lab.ravel())[1:]
+        keep_min = min(min_size_sp, 0.05 * sizes.max())
+        keep = np.concatenate([[False], sizes >= keep_min])
+        m = keep[lab]
+    return m
+
+
+def mean_rgb_sp(image, um_per_px: float, band_sp: int = 64) -> np.ndarray:
+    """float32 (H_sp, W_sp, 3) mean colour (0-255) of each superpixel of the calibrated grid,
+    by area-averaging (PIL box filter) the full-resolution image band by band: cheap (no
+    0.5 um/px resampling) and bounded in memory."""
+    from PIL import Image
+
+    from .geometry import Grid
+
+    h, w = image.shape[:2]
+    grid = Grid(float(um_per_px), (int(h), int(w)))
+    hs, ws = grid.shape
+    px_per_sp = SP_PX / grid.scale  # full-resolution px per superpixel
+    out = np.empty((hs, ws, 3), dtype=np.float32)
+    for r0 in range(0, hs, band_sp):
+        r1 = min(r0 + band_sp, hs)
+        fy0, fy1 = r0 * px_per_sp, r1 * px_per_sp
+        y0, y1 = int(np.floor(fy0)), int(np.ceil(fy1))
+        for c0 in range(0, ws, band_sp * 4):
+            c1 = min(c0 + band_sp * 4, ws)
+            fx0, fx1 = c0 * px_per_sp, c1 * px_per_sp
+            x0, x1 = int(np.floor(fx0)), int(np.ceil(fx1))
+            raw = image.read(y0, x0, y1 - y0, x1 - x0)
+            box = (fx0 - x0, fy0 - y0, fx1 - x0, fy1 - y0)
+            im = Image.fromarray(raw).resize((c1 - c0, r1 - r0), Image.BOX, box=box)
+            out[r0:r1, c0:c1] = np.asarray(im, dtype=np.float32)
+    return out
+
+
+def section_tissue_mask(section, **kwargs) -> np.ndarray:
+    """bool (H_sp, W_sp) tissue mask of a section on its superpixel grid."""
+    rgb = mean_rgb_sp(section.image, section.um_per_px)
+    m = tissue_mask(rgb, **kwargs)
+    assert m.shape == grid_for(section).shape
+    return m

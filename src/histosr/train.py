@@ -1,0 +1,222 @@
+"""The shared training harness: seeds, devices, a generic loop, ``n_states`` ensembling.
+
+Every learned method trains through this module so that seeding, ensembling (median over
+independently trained states, as iStar/HISTEX/DeepHEx do) and resumable checkpoints behave
+the same everywhere.
+
+A method's training of ONE ensemble member is a function ``fit_one(seed) -> state``;
+:func:`fit_states` derives one seed per member from the method's seed, seeds every RNG
+with it, runs the members one after the other and (optionally) stores each finished
+member on disk, so that a killed run resumes with the members it has not finished yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import random
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "seed_everything",
+    "state_seeds",
+    "resolve_device",
+    "fit_states",
+    "median_over_states",
+    "make_optimizer",
+    "train_loop",
+    "fingerprint",
+]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch (CPU and CUDA) and ask PyTorch for deterministic
+    kernels (``warn_only``: an op without a deterministic variant warns, not fails)."""
+    import torch
+
+    seed = int(seed)
+    # cuBLAS needs this set before its first use to be deterministic; harmless on CPU.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    # Deterministic mode also NaN-fills every new uninitialised tensor, which only matters
+    # to code that reads memory it never wrote and costs ~5-10% of a small model's step.
+    try:
+        torch.utils.deterministic.fill_uninitialized_memory = False
+    except AttributeError:  # older PyTorch
+        pass
+
+
+def state_seeds(seed: int, n_states: int) -> list[int]:
+    """Independent per-member seeds derived from ``seed`` (NumPy ``SeedSequence.spawn``).
+
+    Prefix-stable: the first k seeds of ``state_seeds(s, n)`` do not depend on ``n``, so
+    adding members keeps the existing ones."""
+    if n_states < 1:
+        raise ValueError(f"n_states must be >= 1, got {n_states}")
+    children = np.random.SeedSequence(int(seed)).spawn(int(n_states))
+    return [int(c.generate_state(1, dtype=np.uint32)[0]) for c in children]
+
+
+def resolve_device(device: str = "auto"):
+    """``"auto"`` -> CUDA when available, else CPU; ``"cpu"``/``"cuda"``/``"cuda:1"`` as given
+    (a CUDA request on a machine without CUDA is an error that says so)."""
+    import torch
+
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"device {device!r} requested but PyTorch sees no CUDA GPU: use device='cpu' or "
+            "'auto', or install a CUDA build of PyTorch"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {device!r}")
+    return dev
+
+
+def fingerprint(*parts: Any) -> str:
+    """Short stable hash of JSON-able values and arrays (a checkpoint key)."""
+    h = hashlib.sha1()
+    for p in parts:
+        if isinstance(p, np.ndarray):
+            a = np.ascontiguousarray(p)
+            h.update(str((a.dtype.str, a.shape)).encode())
+            h.update(a.tobytes())
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def _atomic_pickle(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def fit_states(
+    fit_one: Callable[[int], Any],
+    n_states: int,
+    seed: int,
+    checkpoint_dir: str | os.PathLike | None = None,
+    key: str | None = None,
+    progress: bool = False,
+) -> list[Any]:
+    """Train ``n_states`` ensemble members one after the other.
+
+    ``fit_one(state_seed)`` trains one member and returns its (picklable) state; before it
+    is called every RNG is seeded with that member's seed (:func:`state_seeds`). With
+    ``checkpoint_dir`` each finished member is written atomically to
+    ``state-<i>.pkl`` and, on a later call with the same seed (and ``key``, a fingerprint of
+    the data and hyper-parameters, see :func:`fingerprint`), read back instead of trained
+    again: a killed run resumes. A file written under another seed or key is retrained and
+    overwritten.
+    """
+    seeds = state_seeds(seed, n_states)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt is not None:
+        ckpt.mkdir(parents=True, exist_ok=True)
+    states = []
+    for i, s in enumerate(seeds):
+        path = ckpt / f"state-{i:03d}.pkl" if ckpt is not None else None
+        if path is not None and path.exists():
+            try:
+                with open(path, "rb") as f:
+                    saved = pickle.load(f)
+            except Exception:  # a damaged file is retrained, not fatal
+                saved = None
+            if isinstance(saved, dict) and saved.get("seed") == s and saved.get("key") == key:
+                states.append(saved["state"])
+                continue
+        if progress:
+            print(f"state {i + 1}/{n_states} (seed {s})", flush=True)
+        seed_everything(s)
+        state = fit_one(s)
+        if path is not None:
+            _atomic_pickle({"seed": s, "key": key, "index": i, "state": state}, path)
+        states.append(state)
+    return states
+
+
+def median_over_states(arrays: Iterable[Any]) -> np.ndarray:
+    """Element-wise median over ensemble members (NumPy arrays or tensors of equal shape);
+    with one member its values, as float32."""
+    arrs = [a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a) for a in arrays]
+    if not arrs:
+        raise ValueError("median_over_states needs at least one array")
+    if len(arrs) == 1:
+        return np.array(arrs[0], dtype=np.float32, copy=True)
+    return np.median(np.stack(arrs, axis=0), axis=0).astype(np.float32)
+
+
+def make_optimizer(params, optimizer: str = "adam", lr: float = 1e-3, weight_decay: float = 0.0):
+    """Adam / AdamW / SGD by name; the fused single-kernel variants where PyTorch has them
+    (several times cheaper per step for the small models of this package)."""
+    import torch
+
+    params = list(params)
+    name = optimizer.lower()
+    classes = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+    if name not in classes:
+        raise ValueError(f"optimizer must be one of {sorted(classes)}, got {optimizer!r}")
+    cls = classes[name]
+    if name in ("adam", "adamw"):
+        try:
+            return cls(params, lr=lr, weight_decay=weight_decay, fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            pass
+    return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+def train_loop(
+    model,
+    batches_fn: Callable[[int], Iterable[Any]],
+    loss_fn: Callable[[Any, Any], Any],
+    epochs: int,
+    lr: float,
+    optimizer: str = "adam",
+    progress: bool | str = True,
+    weight_decay: float = 0.0,
+) -> list[float]:
+    """Minimise ``loss_fn(model, batch)`` over ``batches_fn(epoch)`` for ``epochs`` epochs.
+
+    ``batches_fn`` receives the epoch number so it can draw that epoch's shuffle from its
+    own seeded generator (the loop itself draws no random numbers, so a seeded caller is
+    deterministic). ``progress``: a tqdm bar (True, or a string used as its label).
+    Returns the mean loss of each epoch.
+    """
+    from tqdm.auto import tqdm
+
+    opt = make_optimizer(model.parameters(), optimizer, lr, weight_decay)
+    model.train()
+    history: list[float] = []
+    desc = progress if isinstance(progress, str) else "train"
+    bar = tqdm(range(int(epochs)), desc=desc, disable=not progress, leave=False)
+    for epoch in bar:
+        total, n = None, 0
+        for batch in batches_fn(epoch):
+            loss = loss_fn(model, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            d = loss.detach()
+            total = d if total is None else total + d
+            n += 1
+        # one host sync per epoch, not per step
+        history.append(float(total) / n if n else float("nan"))
+        if progress:
+            bar.set_postfix(loss=f"{history[-1]:.4g}", refresh=False)
+    model.eval()
+    return history
