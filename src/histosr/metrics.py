@@ -11,6 +11,9 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+# relative spread below which a column counts as constant (float32 rounding is ~1e-7)
+_REL_TOL = 1e-6
+
 
 def _dense(x) -> np.ndarray:
     if sp.issparse(x):
@@ -51,9 +54,11 @@ def pcc_per_gene(pred, truth) -> np.ndarray:
     tc = t - t.mean(axis=0)
     num = (pc * tc).sum(axis=0)
     den = np.sqrt((pc**2).sum(axis=0) * (tc**2).sum(axis=0))
-    # relative tolerance: a column that is constant up to rounding counts as constant
-    tiny = 1e-12 * (np.abs(p).max(axis=0) * np.abs(t).max(axis=0) + 1e-300) * p.shape[0]
-    ok = np.isfinite(den) & (den > tiny)
+    # a column constant up to float32 rounding (relative spread < _REL_TOL) counts as constant
+    n = p.shape[0]
+    sp_, st_ = np.sqrt((pc**2).sum(axis=0) / n), np.sqrt((tc**2).sum(axis=0) / n)
+    flat = (sp_ <= _REL_TOL * np.abs(p).max(axis=0)) | (st_ <= _REL_TOL * np.abs(t).max(axis=0))
+    ok = np.isfinite(den) & (den > 0) & ~flat
     r = np.zeros(p.shape[1])
     r[ok] = num[ok] / den[ok]
     return np.clip(r, -1.0, 1.0)
@@ -172,3 +177,34 @@ __all__ = [
     "log_cp10k", "pcc_per_gene", "spearman_per_gene", "rmse_per_gene", "mae", "mse",
     "normalise_maps", "ssim_per_gene", "rmse_maps", "select_genes",
 ]
+
+
+def pcc_within_groups(pred, truth, groups) -> np.ndarray:
+    """Per-gene Pearson r after subtracting, from prediction and truth, their mean over the
+    rows of the same group (BENCHMARKS P2 ``top50_within_pcc``: groups are pooled blocks).
+    Rows of groups with a single member are dropped. Constant genes score 0."""
+    p, t = _check_pair(pred, truth)
+    groups = np.asarray(groups)
+    if groups.shape[0] != p.shape[0]:
+        raise ValueError(f"{groups.shape[0]} group labels for {p.shape[0]} rows")
+    _, inv, size = np.unique(groups, return_inverse=True, return_counts=True)
+    inv = inv.ravel()
+    keep = size[inv] >= 2
+    if keep.sum() < 2:
+        return np.zeros(p.shape[1])
+    inv, p, t = inv[keep], p[keep], t[keep]
+    n = np.bincount(inv).astype(np.float64)
+    n[n == 0] = 1.0
+
+    def centre(x):
+        sums = np.zeros((len(n), x.shape[1]))
+        np.add.at(sums, inv, x)
+        c = x - (sums / n[:, None])[inv]
+        # differences at rounding level of the uncentred values are no signal
+        c[np.abs(c) <= _REL_TOL * np.abs(x).max(axis=0)] = 0.0
+        return c
+
+    return pcc_per_gene(centre(p), centre(t))
+
+
+__all__ += ["pcc_within_groups"]

@@ -48,7 +48,7 @@ class FeatureMap:
         band = 256  # superpixel rows per read, bounds memory on whole slides
         order = np.argsort(rows, kind="stable")
         rs = rows[order]
-        starts = np.searchsorted(rs, np.arange(rs[0], rs[-1] + band, band))
+        starts = np.searchsorted(rs, np.arange(rs[0], rs[-1] + 1 + band, band))
         for a, b in zip(starts[:-1], starts[1:]):
             if a == b:
                 continue

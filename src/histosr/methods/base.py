@@ -70,6 +70,9 @@ class Method:
     name: ClassVar[str] = "method"
     #: super-resolution methods predict per superpixel; spot-level methods override predict
     kind: ClassVar[str] = "superpixel"
+    #: False for methods that read no image features (only the FeatureMap's grid and mask):
+    #: benchmarks then skip the encoder and pass a grid-only FeatureMap
+    needs_features: ClassVar[bool] = True
 
     seed: int = 0
     consistency: bool = False

@@ -1,0 +1,201 @@
+"""Peak memory of ``features`` + ``predict`` on a synthetic whole slide (BENCHMARKS.md).
+
+The slide is procedural: :class:`ProceduralSlide` renders any requested region from its
+coordinates (hashed value noise for tissue, tumour regions and nuclei), so no whole-slide
+array ever exists and peak RSS measures the pipeline, not the test data. A Visium-like
+spot lattice (55 um spots, 100 um pitch) over the tissue gets synthetic counts.
+
+    python benchmarks/wholeslide_memory.py --size 30000 --out /tmp/wsm
+
+prints one JSON line (sizes in MB, times in s). Goal: peak_rss_mb < 3072 at 30000 px, and
+not growing with ``--size``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from histosr.image import ImageSource
+from histosr.section import Section, make_counts
+
+_M32 = np.uint64(0xFFFFFFFF)
+
+
+def _hash01(iy, ix, seed: int) -> np.ndarray:
+    """Deterministic uniform [0, 1) from integer lattice coordinates (broadcasting)."""
+    h = (np.asarray(iy, np.int64).astype(np.uint64) * np.uint64(0x9E3779B1)
+         + np.asarray(ix, np.int64).astype(np.uint64) * np.uint64(0x85EBCA77)
+         + np.uint64(seed * 0xC2B2AE3D + 0x27D4EB2F)) & _M32
+    h ^= h >> np.uint64(15)
+    h = (h * np.uint64(0x2C1B3C6D)) & _M32
+    h ^= h >> np.uint64(12)
+    h = (h * np.uint64(0x297A2D39)) & _M32
+    h ^= h >> np.uint64(15)
+    return (h.astype(np.float64) / 2.0**32).astype(np.float32)
+
+
+def value_noise(ys: np.ndarray, xs: np.ndarray, cell: float, seed: int) -> np.ndarray:
+    """Smooth noise in [0, 1) on the (len(ys), len(xs)) grid of pixel coordinates."""
+    fy, fx = ys / cell, xs / cell
+    iy, ix = np.floor(fy).astype(np.int64), np.floor(fx).astype(np.int64)
+    ty, tx = fy - iy, fx - ix
+    ty, tx = ty * ty * (3 - 2 * ty), tx * tx * (3 - 2 * tx)  # smoothstep
+    iy, ix, ty, tx = iy[:, None], ix[None, :], ty[:, None].astype(np.float32), tx[None, :].astype(np.float32)
+    a = _hash01(iy, ix, seed)
+    b = _hash01(iy, ix + 1, seed)
+    c = _hash01(iy + 1, ix, seed)
+    d = _hash01(iy + 1, ix + 1, seed)
+    return (a * (1 - tx) + b * tx) * (1 - ty) + (c * (1 - tx) + d * tx) * ty
+
+
+class ProceduralSlide(ImageSource):
+    """A synthetic H&E-like slide of ``size`` x ``size`` px rendered region by region."""
+
+    def __init__(self, size: int, seed: int = 0):
+        self.size = int(size)
+        self.seed = int(seed)
+        self.cache_token = f"procedural-v1-{self.size}-{self.seed}"
+
+    @property
+    def shape(self):
+        return (self.size, self.size, 3)
+
+    def fields(self, ys: np.ndarray, xs: np.ndarray):
+        """(tissue score, tumour score) at pixel coordinates; tissue where score > 0."""
+        s = self.size
+        r2 = ((ys[:, None] - s / 2) ** 2 + (xs[None, :] - s / 2) ** 2) / (0.45 * s) ** 2
+        big = value_noise(ys, xs, s / 6.0, self.seed)
+        small = value_noise(ys, xs, 700.0, self.seed + 1)
+        tissue = 0.7 * big + 0.3 * small - 0.45 * r2.astype(np.float32) - 0.15
+        tumour = value_noise(ys, xs, 1500.0, self.seed + 2)
+        return tissue, tumour
+
+    def _read(self, y0, x0, y1, x1):
+        ys = np.arange(y0, y1, dtype=np.float64)
+        xs = np.arange(x0, x1, dtype=np.float64)
+        tissue, tumour = self.fields(ys, xs)
+        inside = tissue > 0
+        # pixel noise and stroma fibres
+        pn = _hash01(np.arange(y0, y1)[:, None], np.arange(x0, x1)[None, :], self.seed + 3) - 0.5
+        fib = np.sin(ys[:, None] / 5.0 + xs[None, :] / 11.0 + 6 * tumour).astype(np.float32)
+        img = np.empty((y1 - y0, x1 - x0, 3), np.float32)
+        stroma = np.array([226, 158, 190], np.float32)
+        for k in range(3):
+            img[..., k] = np.where(inside, stroma[k] + 10 * fib - 25 * tumour * (k != 2), 243.0)
+        # nuclei: one candidate per 16 x 16 px cell, kept with a tumour-dependent probability
+        cy, cx = np.arange(y0, y1) // 16, np.arange(x0, x1) // 16
+        keep = _hash01(cy[:, None], cx[None, :], self.seed + 4) < (0.15 + 0.6 * tumour)
+        oy = 4 + 8 * _hash01(cy[:, None], cx[None, :], self.seed + 5)
+        ox = 4 + 8 * _hash01(cy[:, None], cx[None, :], self.seed + 6)
+        dy = (np.arange(y0, y1) % 16)[:, None] - oy
+        dx = (np.arange(x0, x1) % 16)[None, :] - ox
+        nuc = keep & inside & (dy * dy + dx * dx < 16.0)
+        img[nuc] = np.array([80, 50, 140], np.float32)
+        img += 12 * pn[..., None]
+        return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def synthetic_section(size: int, um_per_px: float, n_genes: int, seed: int = 0) -> Section:
+    img = ProceduralSlide(size, seed)
+    pitch = 100.0 / um_per_px
+    ys = np.arange(pitch / 2, size, pitch * np.sqrt(3) / 2)
+    xy, rows, cols, tum = [], [], [], []
+    for i, y in enumerate(ys):  # hexagonal Visium-like lattice over the tissue
+        xs = np.arange(pitch / 2 + (pitch / 2) * (i % 2), size, pitch)
+        t, u = img.fields(np.array([y]), xs)
+        for j in np.flatnonzero(t[0] > 0):
+            xy.append((xs[j], y))
+            rows.append(i)
+            cols.append(2 * int(round((xs[j] - pitch / 2) / pitch)) + i % 2)
+            tum.append(u[0, j])
+    xy, tum = np.asarray(xy, float), np.asarray(tum, float)
+    rng = np.random.default_rng(seed)
+    load = rng.normal(0, 1, n_genes)
+    rate = np.exp(1.5 + np.outer(tum - 0.5, 3 * load))
+    X = rng.poisson(rate).astype(np.float32)
+    import pandas as pd
+
+    obs = pd.DataFrame({"array_row": rows, "array_col": cols})
+    counts = make_counts(X, [f"s{i}" for i in range(len(xy))], [f"g{k}" for k in range(n_genes)],
+                         xy, obs=obs)
+    return Section(f"synthetic{size}", img, um_per_px, counts, 55.0, "visium")
+
+
+def _mb_on_disk(path: Path) -> float:
+    if not path.exists():
+        return 0.0
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KB on Linux
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=30000, help="slide side in px")
+    ap.add_argument("--um-per-px", type=float, default=0.5)
+    ap.add_argument("--genes", type=int, default=20)
+    ap.add_argument("--out", default="wholeslide_memory_out")
+    ap.add_argument("--tile-sp", type=int, default=64)
+    ap.add_argument("--progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    import psutil
+
+    from histosr.features import compute
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    section = synthetic_section(args.size, args.um_per_px, args.genes)
+    t_sec = time.perf_counter() - t0
+    fpath = out / "features.zarr"
+    shutil.rmtree(fpath, ignore_errors=True)
+    t0 = time.perf_counter()
+    fm = compute(section, out=fpath, tile_sp=args.tile_sp, progress=args.progress)
+    t_feat = time.perf_counter() - t0
+    rss_features = _peak_rss_mb()
+    res = {
+        "size_px": args.size, "um_per_px": args.um_per_px, "grid_sp": list(fm.shape),
+        "n_spots": section.n_spots, "genes": args.genes, "encoder": fm.encoder,
+        "dim": fm.dim, "tissue_fraction": round(float(fm.mask.mean()), 4),
+        "seconds_section": round(t_sec, 2), "seconds_features": round(t_feat, 2),
+        "features_mb_on_disk": round(_mb_on_disk(fpath), 2),
+        "peak_rss_mb_after_features": round(rss_features, 1),
+    }
+    mpath = out / "maps.zarr"
+    try:
+        from histosr.methods import get_method
+        from histosr.outputs import predict_maps
+
+        shutil.rmtree(mpath, ignore_errors=True)
+        t0 = time.perf_counter()
+        method = get_method("knn")
+        method.fit([section], [fm])
+        predict_maps(method, section, fm, mpath)
+        res["seconds_predict"] = round(time.perf_counter() - t0, 2)
+        res["maps_mb_on_disk"] = round(_mb_on_disk(mpath), 2)
+    except ImportError as e:
+        res["seconds_predict"] = None
+        res["maps_mb_on_disk"] = None
+        res["predict_skipped"] = f"{type(e).__name__}: {e}"
+    res["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    res["rss_now_mb_psutil"] = round(psutil.Process(os.getpid()).memory_info().rss / 2**20, 1)
+    res["goal_peak_rss_mb"] = 3072
+    res["ok"] = res["peak_rss_mb"] < 3072
+    print(json.dumps(res), flush=True)
+    return res
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main()["ok"] else 1)

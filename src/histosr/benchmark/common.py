@@ -1,0 +1,140 @@
+"""Pieces shared by the protocols: building the method, its features, timing, memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+# Hyper-parameters whose published defaults a benchmark run may lower (BENCHMARKS.md:
+# "a benchmark run that lowers them says so in the JSON").
+REDUCIBLE = ("epochs", "n_states")
+
+
+def log(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"[histosr benchmark] {msg}", file=sys.stderr, flush=True)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MiB)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(r / (1024.0 * 1024.0) if sys.platform == "darwin" else r / 1024.0, 1)
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+        return False
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def _method_class(name: str):
+    from ..methods.base import _REGISTRY, available_methods
+
+    if name not in available_methods():
+        raise ValueError(f"unknown method {name!r}: expected one of {', '.join(available_methods())}")
+    return _REGISTRY[name]
+
+
+def method_factory(method, *, epochs=None, n_states=None, seed=0, consistency=None):
+    """A function making a fresh (unfitted) method per section, and the ``params`` record.
+
+    ``method``: a registered name, or a :class:`~histosr.methods.base.Method` instance (used
+    as a template: copied with its own parameters). ``epochs``/``n_states`` override the
+    published defaults (the dataclass defaults) when the method has them; ``consistency``
+    ``None`` keeps the method's own setting.
+    """
+    from ..methods.base import _jsonable
+
+    if isinstance(method, str):
+        cls = _method_class(method)
+        defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.init}
+        kwargs: dict = {"seed": int(seed)}
+    else:
+        cls = type(method)
+        defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.init}
+        kwargs = dict(method.params())
+    ignored = []
+    for key, val in (("epochs", epochs), ("n_states", n_states)):
+        if val is None:
+            continue
+        if key in defaults:
+            kwargs[key] = int(val)
+        else:
+            ignored.append(key)
+    if consistency is not None:
+        kwargs["consistency"] = bool(consistency)
+
+    def make():
+        return cls(**kwargs)
+
+    m = make()
+    used = m.params()
+    published = {k: defaults[k] for k in REDUCIBLE if k in defaults
+                 and not isinstance(defaults[k], dataclasses._MISSING_TYPE)}
+    reduced = {k: used[k] for k in published if used[k] < published[k]}
+    params = {
+        **{k: _json_safe(v) for k, v in _jsonable(used).items()},
+        "consistency": bool(used.get("consistency", False)),
+        "published_defaults": published,
+        "reduced_from_published": bool(reduced),
+    }
+    if reduced:
+        params["reduced"] = {k: f"{v} (published {published[k]})" for k, v in reduced.items()}
+    if ignored:
+        params["ignored"] = {k: f"method {m.name!r} has no {k!r} parameter" for k in ignored}
+    return make, params, m.name
+
+
+def _json_safe(v):
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, dict)):
+        return v
+    return str(v)
+
+
+def needs_features(method) -> bool:
+    """Whether the method reads image features (baselines that only spread spot values
+    set ``needs_features = False`` and then get a grid-only FeatureMap)."""
+    return bool(getattr(method, "needs_features", True))
+
+
+def grid_only_features(section, mask: np.ndarray | None = None):
+    """A FeatureMap with no feature channels: the section's superpixel grid and a tissue
+    mask (default: superpixels covered by the section's spot footprints)."""
+    from ..features import FeatureMap
+    from ..geometry import grid_for, section_footprints
+
+    grid = grid_for(section)
+    if mask is None:
+        F = section_footprints(section, grid)
+        mask = np.zeros(grid.shape[0] * grid.shape[1], dtype=bool)
+        mask[F.indices] = True
+        mask = mask.reshape(grid.shape)
+    return FeatureMap(np.zeros((*grid.shape, 0), dtype=np.float16), np.asarray(mask, bool),
+                      grid, "none", {"note": "grid only: the method reads no image features"})
+
+
+def section_features(section, method, encoder: str, cache_dir: Path | None,
+                     progress: bool, mask: np.ndarray | None = None):
+    """The FeatureMap a method needs for ``section`` (cached under ``cache_dir``)."""
+    if not needs_features(method):
+        return grid_only_features(section, mask)
+    from .. import features
+
+    kw = {} if mask is None else {"mask": np.asarray(mask, dtype=bool)}
+    return features.compute(section, encoder=encoder, cache_dir=cache_dir, progress=progress,
+                            **kw)

@@ -1,0 +1,109 @@
+"""Readers: one module per platform, each returning a validated :class:`~histosr.Section`.
+
+Coordinates are full-resolution image pixels of the image the Section carries, x = column,
+y = row (``counts.obsm["spatial"]``); counts are raw. Bad inputs raise
+:class:`~histosr.section.SectionError` with a message that says what was expected.
+
+Heavy optional dependencies (h5py, pyarrow, anndata I/O) are imported only when a reader
+needs them, so ``import histosr.io`` is cheap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..section import Section, SectionError
+from ._common import MissingFileError
+from .h5ad import read_h5ad
+from .istar import read_istar, write_istar
+from .st import read_her2st, read_st
+from .visium import read_visium, read_visium_hd
+
+__all__ = [
+    "MissingFileError",
+    "detect_platform",
+    "read",
+    "read_h5ad",
+    "read_her2st",
+    "read_istar",
+    "read_st",
+    "read_visium",
+    "read_visium_hd",
+    "write_istar",
+]
+
+READERS = {
+    "her2st": read_her2st,
+    "st": read_st,
+    "visium": read_visium,
+    "visium_hd": read_visium_hd,
+    "istar": read_istar,
+    "h5ad": read_h5ad,
+}
+
+
+def _has_hd_bins(p: Path) -> bool:
+    for base in (p, p / "binned_outputs", p / "outs" / "binned_outputs"):
+        if any((b / "spatial").is_dir() for b in base.glob("square_*um")):
+            return True
+    return False
+
+
+def detect_platform(path) -> str:
+    """The reader name (a key of :data:`READERS`) for a folder or file layout."""
+    p = Path(path)
+    if p.is_file():
+        if p.suffix == ".h5ad":
+            return "h5ad"
+        if p.suffix == ".h5":
+            p = p.parent
+        else:
+            raise SectionError(
+                f"cannot tell the layout of {p}: expected a folder (Space Ranger outs, ST, "
+                "her2st, iStar) or an .h5ad file"
+            )
+    if not p.is_dir():
+        raise MissingFileError(f"input not found: {p}")
+    if all((p / d).is_dir() for d in ("counts", "spots", "images")):
+        return "her2st"
+    if (p / "cnts.tsv").is_file() and (p / "locs-raw.tsv").is_file():
+        return "istar"
+    if (p / "counts.tsv").is_file() and (p / "spots.tsv").is_file():
+        return "st"
+    if (p / "spatial" / "tissue_positions.parquet").is_file() or _has_hd_bins(p):
+        return "visium_hd"
+    for base in (p, p / "outs"):
+        sp_dir = base / "spatial"
+        if (sp_dir / "tissue_positions.csv").is_file() or (
+            sp_dir / "tissue_positions_list.csv"
+        ).is_file():
+            return "visium"
+    raise SectionError(
+        f"cannot tell the layout of {p}: expected one of a Space Ranger outs folder "
+        "(spatial/tissue_positions*.csv), a Visium HD bin folder (spatial/"
+        "tissue_positions.parquet), an ST folder (counts.tsv + spots.tsv), a her2st root "
+        "(counts/ spots/ images/), an iStar folder (cnts.tsv + locs-raw.tsv) or an .h5ad "
+        f"file. Pass platform= one of {sorted(READERS)} to choose the reader."
+    )
+
+
+def read(path, platform: str | None = None, **kw) -> Section:
+    """Read any supported layout; ``platform`` (a key of :data:`READERS`) skips detection.
+
+    her2st needs the section: ``read(root, section="C2")``. Other keywords go to the reader.
+    """
+    platform = platform or detect_platform(path)
+    if platform not in READERS:
+        raise SectionError(f"unknown platform {platform!r}: expected one of {sorted(READERS)}")
+    if platform == "her2st":
+        section, alt = kw.pop("section", None), kw.pop("name", None)
+        section = section if section is not None else alt
+        if section is None:
+            counts = Path(path) / "counts"
+            names = sorted(q.name.split(".")[0] for q in counts.glob("*.tsv.gz"))
+            raise SectionError(
+                f"{path} is a her2st root holding several sections: pass section= one of "
+                f"{names}, e.g. read(root, section={names[0] if names else 'C2'!r})"
+            )
+        return read_her2st(path, section, **kw)
+    return READERS[platform](path, **kw)

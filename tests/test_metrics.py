@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from scipy.stats import pearsonr, spearmanr
+
+from histosr import metrics
+
+
+def test_log_cp10k_rows_and_given_library():
+    x = np.array([[1.0, 3.0], [0.0, 0.0], [5.0, 5.0]])
+    out = metrics.log_cp10k(x)
+    np.testing.assert_allclose(out[0], np.log1p([2500.0, 7500.0]))
+    np.testing.assert_array_equal(out[1], 0.0)  # empty spot: no division by zero
+    lib = np.array([100.0, 1.0, 10.0])
+    np.testing.assert_allclose(metrics.log_cp10k(x, lib)[2], np.log1p([5000.0, 5000.0]))
+    np.testing.assert_allclose(metrics.log_cp10k(sp.csr_matrix(x)), out)
+
+
+def test_pcc_perfect_anti_constant(rng):
+    t = rng.normal(size=(50, 3))
+    p = np.stack([2 * t[:, 0] + 1, -t[:, 1], np.full(50, 4.0)], axis=1)
+    r = metrics.pcc_per_gene(p, t)
+    np.testing.assert_allclose(r, [1.0, -1.0, 0.0], atol=1e-12)
+    # constant truth also scores 0, and float32 rounding of a constant is still constant
+    t2 = t.copy()
+    t2[:, 0] = 3.0
+    assert metrics.pcc_per_gene(t, t2)[0] == 0.0
+    c = (np.full(50, 0.1, np.float32) * np.float32(3)).astype(np.float64)
+    assert metrics.pcc_per_gene(c + 1e-9 * (np.arange(50) % 2), t[:, 0])[0] == 0.0
+
+
+def test_pcc_matches_scipy(rng):
+    p, t = rng.normal(size=(40, 4)), rng.normal(size=(40, 4))
+    ref = [pearsonr(p[:, g], t[:, g])[0] for g in range(4)]
+    np.testing.assert_allclose(metrics.pcc_per_gene(p, t), ref, atol=1e-10)
+    ref = [spearmanr(p[:, g], t[:, g])[0] for g in range(4)]
+    np.testing.assert_allclose(metrics.spearman_per_gene(p, t), ref, atol=1e-10)
+
+
+def test_errors():
+    p = np.array([[1.0, 2.0], [3.0, 4.0]])
+    t = np.array([[1.0, 0.0], [3.0, 8.0]])
+    np.testing.assert_allclose(metrics.rmse_per_gene(p, t), [0.0, np.sqrt((4 + 16) / 2)])
+    assert metrics.mae(p, t) == pytest.approx((0 + 2 + 0 + 4) / 4)
+    assert metrics.mse(p, t) == pytest.approx((4 + 16) / 4)
+    assert metrics.mae(t, t) == 0.0
+    with pytest.raises(ValueError, match="shape"):
+        metrics.mae(p, t[:1])
+
+
+def test_within_groups():
+    rng = np.random.default_rng(1)
+    groups = np.repeat(np.arange(10), 4)
+    means = rng.normal(size=(10, 2))[groups] * 10
+    noise = rng.normal(size=(40, 2))
+    truth = means + noise
+    # a block-level prediction scores 0 within blocks; noise recovered scores 1
+    np.testing.assert_allclose(metrics.pcc_within_groups(means, truth, groups), 0.0)
+    np.testing.assert_allclose(metrics.pcc_within_groups(noise, truth, groups), 1.0)
+    # singleton groups are dropped
+    g2 = groups.copy()
+    g2[0] = 99
+    assert np.isfinite(metrics.pcc_within_groups(noise, truth, g2)).all()
+
+
+def test_ssim_rmse_maps(rng):
+    mask = np.zeros((20, 24), bool)
+    mask[3:17, 4:20] = True
+    truth = rng.gamma(2.0, size=(20, 24, 3)) * mask[..., None]
+    assert metrics.ssim_per_gene(truth, truth, mask) == pytest.approx([1.0] * 3)
+    np.testing.assert_allclose(metrics.rmse_maps(truth, truth, mask), 0.0)
+    # min-max normalisation: an affine rescaling of the prediction changes nothing
+    np.testing.assert_allclose(metrics.ssim_per_gene(3 * truth + 2, truth, mask), 1.0)
+    # values outside the tissue are ignored
+    noisy = truth + 100.0 * (~mask)[..., None]
+    np.testing.assert_allclose(metrics.rmse_maps(noisy, truth, mask), 0.0)
+    worse = metrics.ssim_per_gene(rng.permutation(truth.reshape(-1, 3)).reshape(truth.shape),
+                                  truth, mask)
+    assert (worse < 0.9).all()
+    norm = metrics.normalise_maps(truth, mask)
+    assert norm[mask].min() == 0.0 and norm[mask].max() == 1.0 and (norm[~mask] == 0).all()
+
+
+def test_select_genes_rule():
+    rng = np.random.default_rng(0)
+    n = 200
+    x = np.zeros((n, 5))
+    x[:, 0] = rng.poisson(20, n)  # expressed, low variance relative to mean
+    x[:, 1] = rng.poisson(3, n) * rng.integers(1, 4, n)  # expressed, highly variable
+    x[:15, 2] = 500  # very variable but in only 7.5% of spots: filtered out
+    x[:, 3] = rng.poisson(5, n)
+    x[:, 4] = 1000  # housekeeping: sets the library
+    genes = ["a", "b", "c", "d", "e"]
+    top = metrics.select_genes(x, genes, 2)
+    assert "c" not in metrics.select_genes(x, genes, 10)
+    assert top[0] == "b" and len(top) == 2
+    assert metrics.select_genes(x, genes, 10, min_frac=0.05)[0] == "c"
+    # the order follows the variance of log1p CP10k with the all-gene library
+    lg = metrics.log_cp10k(x)
+    keep = [0, 1, 3, 4]
+    want = [genes[keep[i]] for i in np.argsort(-lg[:, keep].var(axis=0), kind="stable")]
+    assert metrics.select_genes(x, genes, 10) == want
+    assert metrics.select_genes(sp.csr_matrix(x), genes, 10) == want
