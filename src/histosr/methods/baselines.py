@@ -14,6 +14,7 @@ predictors for unmeasured sections.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -55,6 +56,8 @@ def _section_key(section, grid, genes) -> str:
 @dataclass
 class SpotInterpolator(Method):
     """Base of the spot-spreading baselines (see the module docstring)."""
+
+    needs_features: ClassVar[bool] = False  # only the grid: no image features
 
     def _fit(self, sections, features) -> None:
         self.spots_ = {}
