@@ -128,6 +128,9 @@ def run(cfg: dict, out: str | Path | None = None, progress: bool = True) -> RunR
     gcfg = cfg["genes"]
     genes = gcfg.get("list") or choose_genes(section, int(gcfg["n_top"]),
                                              float(gcfg.get("min_frac", 0.1)))
+    # genes asked for in previews are always fitted (when measured)
+    show = cfg["predict"].get("previews") or []
+    genes = list(genes) + [g for g in show if g in section.counts.var_names and g not in genes]
     mcfg = cfg["method"]
     params = dict(mcfg.get("params") or {})
     params.setdefault("seed", int(cfg["seed"]))
@@ -142,6 +145,8 @@ def run(cfg: dict, out: str | Path | None = None, progress: bool = True) -> RunR
             rep.notes.append("fitted model reused from the run cache")
         else:
             method = get_method(mcfg["name"], **params)
+            if hasattr(method, "progress"):
+                method.progress = progress
             if hasattr(method, "checkpoint_dir"):
                 method.checkpoint_dir = str(cache / f"ckpt-{key}")
             method.fit([section], [fm], genes=genes)

@@ -48,7 +48,8 @@ def _method_class(name: str):
     return _REGISTRY[name]
 
 
-def method_factory(method, *, epochs=None, n_states=None, seed=0, consistency=None):
+def method_factory(method, *, epochs=None, n_states=None, seed=0, consistency=None,
+                   progress: bool = True):
     """A function making a fresh (unfitted) method per section, and the ``params`` record.
 
     ``method``: a registered name, or a :class:`~histosr.methods.base.Method` instance (used
@@ -78,7 +79,10 @@ def method_factory(method, *, epochs=None, n_states=None, seed=0, consistency=No
         kwargs["consistency"] = bool(consistency)
 
     def make():
-        return cls(**kwargs)
+        m = cls(**kwargs)
+        if hasattr(m, "progress"):  # training bars follow the run's --quiet
+            m.progress = bool(progress)
+        return m
 
     m = make()
     used = m.params()

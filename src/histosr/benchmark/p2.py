@@ -142,7 +142,7 @@ def p2(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
 
     t = Timer().__enter__()
     make, params, mname = method_factory(method, epochs=epochs, n_states=n_states, seed=seed,
-                                         consistency=consistency)
+                                         progress=progress, consistency=consistency)
     if library not in ("predicted", "measured"):
         raise ValueError(f"library must be 'predicted' or 'measured', got {library!r}")
     params = {**params, "seed": int(seed), "scoring": {

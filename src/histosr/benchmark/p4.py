@@ -167,7 +167,7 @@ def p4(method, sections=None, encoder: str = "handcrafted", epochs=None, n_state
     """
     t = Timer().__enter__()
     make, params, mname = method_factory(method, epochs=epochs, n_states=n_states, seed=seed,
-                                         consistency=consistency)
+                                         progress=progress, consistency=consistency)
     params = {**params, "seed": int(seed), "scoring": SCORING}
     if cache_dir is None and out is not None:
         cache_dir = Path(out) / "cache"
