@@ -148,8 +148,8 @@ def cmd_benchmark(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from .simulate import synthetic_visium
     from .io import write_istar
+    from .simulate import synthetic_visium
 
     s = synthetic_visium(seed=args.seed)
     write_istar(s, args.out)

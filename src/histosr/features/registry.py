@@ -8,7 +8,8 @@ context each side a tile needs (the tiler reads tiles with that halo and crops i
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
