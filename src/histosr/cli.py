@@ -173,12 +173,29 @@ def cmd_doctor(args) -> int:
         "cpu_threads": torch.get_num_threads(), "encoders": available_encoders(),
         "methods": available_methods(),
     }
+    if torch.cuda.is_available():
+        info["cuda_bf16"] = torch.cuda.is_bf16_supported()
+    info["encoder_device"] = "cuda (bf16/fp16 autocast)" if torch.cuda.is_available() \
+        else "cpu (fp32)"
+    from importlib.metadata import PackageNotFoundError, version
+
+    for pkg, dist in (("timm", "timm"), ("open_clip", "open_clip_torch"),
+                      ("torchvision", "torchvision")):
+        try:
+            info[pkg] = version(dist)
+        except PackageNotFoundError:
+            info[pkg] = "not installed (pip install 'histosr[foundation]')"
+    from .features.foundation import weights_dir, weights_status
+
+    info["weights_dir"] = f"{weights_dir()} ($HISTOSR_WEIGHTS_DIR)"
+    for key, where in weights_status().items():
+        info[f"weights {key}"] = where
     from .datasets import data_dir
 
     d = data_dir()
     info["real_data"] = str(d) if d else "not found (set HISTOSR_DATA)"
     for k, v in info.items():
-        print(f"{k:>14}: {v}")
+        print(f"{k:>16}: {v}")
     return 0
 
 
@@ -228,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_evaluate)
 
     s = sub.add_parser("benchmark", help="accuracy protocols of BENCHMARKS.md")
-    s.add_argument("protocol", choices=["p2", "p4"])
+    s.add_argument("protocol", choices=["p2", "p4", "domains"])
     s.add_argument("--method", required=True)
     s.add_argument("--encoder", default="handcrafted")
     s.add_argument("--data", help="data folder (default: $HISTOSR_DATA or ../shared/data)")

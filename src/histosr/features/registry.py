@@ -42,7 +42,7 @@ def available_encoders() -> list[str]:
 
 
 def get_encoder(name: str, **kwargs) -> Encoder:
-    """Build an encoder by name (``"handcrafted"``, later ``"uni"``, ``"timm:<model>"``...)."""
+    """Build an encoder by name (``"handcrafted"``, ``"uni"``, ``"timm:<model>"``...)."""
     _load_builtin()
     key = name.split(":", 1)[0] + ":" if name.startswith("timm:") else name
     if key not in _REGISTRY:
@@ -55,4 +55,5 @@ def get_encoder(name: str, **kwargs) -> Encoder:
 
 
 def _load_builtin() -> None:
-    from . import handcrafted  # noqa: F401 - registers "handcrafted"
+    # registering imports nothing heavy: torch/timm/open_clip load when an encoder is built
+    from . import foundation, handcrafted  # noqa: F401 - uni, uni2, timm:, quiltnet, hipt
