@@ -24,10 +24,10 @@ def __getattr__(name):
         from . import io
 
         return getattr(io, name)
-    if name == "features":
+    if name in ("features", "tl"):
         import importlib
 
-        return importlib.import_module(".features", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'histosr' has no attribute {name!r}")
 
 
@@ -43,4 +43,4 @@ def predict(method, section, features, at="superpixels", **kwargs):
     return method.predict(section, features, at=at, **kwargs)
 
 
-__all__ = ["Section", "SectionError", "fit", "predict", "pl", "features", "__version__"]
+__all__ = ["Section", "SectionError", "fit", "predict", "pl", "tl", "features", "__version__"]

@@ -86,3 +86,106 @@ def previews(adata, genes: list[str], out_dir: str | Path, section=None,
 
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+# -- tissue domains -------------------------------------------------------------------------
+def _palette(categories) -> dict:
+    """A fixed colour per category (tab10, then tab20 beyond ten)."""
+    plt = _plt()
+    cats = [str(c) for c in categories]
+    cmap = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")
+    return {c: cmap(i % cmap.N) for i, c in enumerate(cats)}
+
+
+def _legend(ax, colors: dict, title: str | None = None) -> None:
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor=v, edgecolor="none", label=k) for k, v in colors.items()]
+    ax.legend(handles=handles, title=title, loc="upper left", bbox_to_anchor=(1.0, 1.0),
+              fontsize=7, title_fontsize=8, frameon=False)
+
+
+def _background(ax, section) -> None:
+    if section is not None:
+        thumb = section.image.thumbnail(1024)
+        h, w = section.image.shape[:2]
+        ax.imshow(thumb, extent=(0, w, h, 0))
+
+
+def domains(adata, section=None, ax=None, key: str = "domain", title: str | None = None,
+            alpha: float = 0.7, legend: bool = True, palette: dict | None = None,
+            spot_size: float = 18.0, edgecolor=None):
+    """Domains (``obs[key]``, categorical) over the section's H&E: superpixel AnnData as an
+    image on the 8 um grid, spot AnnData as dots at ``obsm["spatial"]``."""
+    import pandas as pd
+    from matplotlib.colors import to_rgba
+
+    plt = _plt()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 5))
+    lab = adata.obs[key]
+    if not isinstance(lab.dtype, pd.CategoricalDtype):
+        lab = lab.astype(str).astype("category")
+    cats = [str(c) for c in lab.cat.categories]
+    colors = palette or _palette(cats)
+    codes = lab.cat.codes.to_numpy()
+    rgba = np.array([to_rgba(colors.get(c, "grey")) for c in cats] + [(0, 0, 0, 0)])
+    _background(ax, section)
+    if "row" in adata.obs and "grid_shape" in adata.uns.get("histosr", {}):
+        gh, gw = adata.uns["histosr"]["grid_shape"]
+        r, c = adata.obs["row"].to_numpy(), adata.obs["col"].to_numpy()
+        img = np.zeros((gh, gw, 4))
+        img[r, c] = rgba[np.where(codes >= 0, codes, len(cats))]
+        img[r, c, 3] = np.where(codes >= 0, alpha, 0.0)
+        px = _sp_size_px(adata.obsm["spatial"], r, c)
+        ax.imshow(img, extent=(0, gw * px, gh * px, 0), interpolation="nearest")
+    else:
+        xy = np.asarray(adata.obsm["spatial"])
+        ok = codes >= 0
+        ax.scatter(xy[ok, 0], xy[ok, 1], c=rgba[codes[ok]], s=spot_size, alpha=alpha,
+                   linewidths=0 if edgecolor is None else 0.6, edgecolors=edgecolor)
+        if section is None:
+            ax.set_aspect("equal")
+            ax.invert_yaxis()
+    ax.set_title(title or key)
+    ax.set_axis_off()
+    if legend:
+        _legend(ax, {c: colors[c] for c in cats}, key)
+    return ax
+
+
+def domains_vs_labels(adata, section, labels=None, key: str = "domain", spot_domains=None,
+                      title: str | None = None, exclude=("undetermined",)):
+    """Figure: super-resolved domains over the H&E | (``spot_domains``: an AnnData of spots
+    with ``obs[key]``, e.g. the measured spots clustered) | pathologist ``labels``
+    (pd.Series per spot, default ``section.annotations``) at the spot centres. Labels in
+    ``exclude`` are drawn in grey. Returns the matplotlib Figure."""
+    import anndata as ad
+    import pandas as pd
+
+    plt = _plt()
+    labels = section.annotations if labels is None else labels
+    if labels is None:
+        raise ValueError("no pathologist labels: pass labels= or a section with annotations")
+    n = 3 if spot_domains is not None else 2
+    fig, axes = plt.subplots(1, n, figsize=(5.6 * n, 5))
+    domains(adata, section=section, ax=axes[0], key=key, title="super-resolved domains")
+    if spot_domains is not None:
+        domains(spot_domains, section=section, ax=axes[1], key=key,
+                title="measured spots, clustered")
+    lab = pd.Series(labels).reindex(section.counts.obs_names).astype(object)
+    lab = lab.where(lab.notna(), "unlabelled").astype(str)
+    cats = sorted(c for c in lab.unique() if c not in exclude and c != "unlabelled")
+    colors = {c: v for c, v in zip(cats, _palette(cats).values())}
+    for c in lab.unique():
+        colors.setdefault(c, (0.6, 0.6, 0.6, 1.0))
+    la = ad.AnnData(obs=pd.DataFrame({"label": pd.Categorical(lab.to_numpy(),
+                                                              categories=list(colors))},
+                                     index=section.counts.obs_names.copy()))
+    la.obsm["spatial"] = section.xy
+    domains(la, section=section, ax=axes[-1], key="label", title="pathologist labels",
+            palette=colors, alpha=0.95, spot_size=24.0, edgecolor="white")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -1,18 +1,20 @@
 """Accuracy protocols of BENCHMARKS.md: the only code that computes their numbers.
 
-``run("p2" | "p4", method, ...)`` is what ``histosr benchmark`` calls; :func:`p2` and
-:func:`p4` are the protocols themselves. Each returns the results dict
+``run("p2" | "p4" | "domains", method, ...)`` is what ``histosr benchmark`` calls; :func:`p2`,
+:func:`p4` and :func:`domains` (tissue domains against pathologist labels) are the protocols
+themselves. Each returns the results dict
 (``{"protocol", "method", "encoder", "params", "sections", "mean", "seconds",
 "peak_rss_mb"}``) and, given ``out``, writes it to ``out/results.json``.
 """
 
 from __future__ import annotations
 
+from .domains import domains
 from .p2 import p2
 from .p4 import p4, score_superpixels
 from .report import read_results, write_results
 
-PROTOCOLS = {"p2": p2, "p4": p4}
+PROTOCOLS = {"p2": p2, "p4": p4, "domains": domains}
 
 
 def run(protocol: str, method, encoder: str = "handcrafted", data=None, sections=None,
@@ -31,5 +33,5 @@ def run(protocol: str, method, encoder: str = "handcrafted", data=None, sections
                           progress=progress)
 
 
-__all__ = ["run", "p2", "p4", "score_superpixels", "write_results", "read_results",
+__all__ = ["run", "p2", "p4", "domains", "score_superpixels", "write_results", "read_results",
            "PROTOCOLS"]
