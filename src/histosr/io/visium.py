@@ -370,6 +370,29 @@ def _join(barcodes: list[str], pos: pd.DataFrame, pos_path: Path, mpath: Path):
     return where
 
 
+
+def _in_tissue_spots(folder, spatial, counts_file, meta: dict, unit: str):
+    """Matrix (gene-expression features only) joined to the positions file, restricted to
+    in-tissue spots (or bins): shared by the Visium and Visium HD readers."""
+    (m, barcodes, features), mpath = _read_matrix(folder, counts_file)
+    meta["counts_path"] = str(mpath)
+    m, genes, features = _gene_expression(m, features, meta)
+    pos, pos_path = _read_positions(spatial)
+    sf = _read_scalefactors(spatial)
+    meta["scalefactors"] = sf
+    where = _join(barcodes, pos, pos_path, mpath)
+    in_tissue = pos["in_tissue"].to_numpy()[where] == 1
+    if not in_tissue.any():
+        raise SectionError(
+            f"empty tissue: none of the {len(barcodes)} {unit} of {mpath} is marked "
+            f"in_tissue=1 in {pos_path}; expected at least one in-tissue {unit[:-1]}"
+        )
+    if not in_tissue.all():
+        meta["dropped_out_of_tissue"] = int((~in_tissue).sum())
+    rows = pos.iloc[where[in_tissue]]
+    return (m[np.flatnonzero(in_tissue)], np.asarray(barcodes)[in_tissue], genes, features,
+            pos, rows, sf, spatial)
+
 def read_visium(
     path: PathLike,
     image: PathLike | None = None,
@@ -401,24 +424,8 @@ def read_visium(
     outs = _outs_folder(path)
     spatial = outs / "spatial"
     meta: dict = {"reader": "visium", "path": str(outs)}
-    (m, barcodes, features), mpath = _read_matrix(outs, counts_file)
-    meta["counts_path"] = str(mpath)
-    m, genes, features = _gene_expression(m, features, meta)
-    pos, pos_path = _read_positions(spatial)
-    sf = _read_scalefactors(spatial)
-    meta["scalefactors"] = sf
-    where = _join(barcodes, pos, pos_path, mpath)
-    in_tissue = pos["in_tissue"].to_numpy()[where] == 1
-    if not in_tissue.any():
-        raise SectionError(
-            f"empty tissue: none of the {len(barcodes)} spots of {mpath} is marked in_tissue=1 "
-            f"in {pos_path}; expected at least one in-tissue spot"
-        )
-    if not in_tissue.all():
-        meta["dropped_out_of_tissue"] = int((~in_tissue).sum())
-    rows = pos.iloc[where[in_tissue]]
-    m = m[np.flatnonzero(in_tissue)]
-    bc = np.asarray(barcodes)[in_tissue]
+    m, bc, genes, features, pos, rows, sf, spatial = _in_tissue_spots(
+        outs, spatial, counts_file, meta, "spots")
     xy_full = rows[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
     lattice_full = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
 
@@ -513,22 +520,8 @@ def read_visium_hd(
     folder = _bin_folder(require_dir(path, "Visium HD folder"), bin_size)
     spatial = require_dir(folder / "spatial", "Visium HD spatial folder")
     meta: dict = {"reader": "visium_hd", "path": str(folder)}
-    (m, barcodes, features), mpath = _read_matrix(folder, None)
-    meta["counts_path"] = str(mpath)
-    m, genes, features = _gene_expression(m, features, meta)
-    pos, pos_path = _read_positions(spatial)
-    sf = _read_scalefactors(spatial)
-    meta["scalefactors"] = sf
-    where = _join(barcodes, pos, pos_path, mpath)
-    in_tissue = pos["in_tissue"].to_numpy()[where] == 1
-    if not in_tissue.any():
-        raise SectionError(
-            f"empty tissue: none of the {len(barcodes)} bins of {mpath} is marked "
-            f"in_tissue=1 in {pos_path}; expected at least one in-tissue bin"
-        )
-    rows = pos.iloc[where[in_tissue]]
-    m = m[np.flatnonzero(in_tissue)]
-    bc = np.asarray(barcodes)[in_tissue]
+    m, bc, genes, features, pos, rows, sf, spatial = _in_tissue_spots(
+        folder, spatial, None, meta, "bins")
     xy_full = rows[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
 
     if um_per_px is not None:
