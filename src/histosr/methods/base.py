@@ -57,7 +57,7 @@ def get_method(name: str, **params) -> Method:
 
 
 def _load_builtin() -> None:
-    from . import baselines, istar  # noqa: F401 - register built-in methods
+    from . import baselines, histex, istar  # noqa: F401 - register built-in methods
 
 
 @dataclass
