@@ -220,3 +220,37 @@ def train_loop(
             bar.set_postfix(loss=f"{history[-1]:.4g}", refresh=False)
     model.eval()
     return history
+
+
+# Hyper-parameters that change how a fit runs, not what it learns: left out of checkpoint keys.
+RUNTIME_PARAMS = ("checkpoint_dir", "progress", "device", "consistency")
+
+
+def train_member(model, batches_fn, loss_fn, epochs: int, lr: float, label: str | bool):
+    """Train one ensemble member; returns ``{"model": CPU state_dict, "loss": history}``
+    (what :func:`fit_states` checkpoints)."""
+    hist = train_loop(model, batches_fn, loss_fn, epochs, lr, optimizer="adam", progress=label)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return {"model": state, "loss": hist}
+
+
+def fit_method_states(method, fit_one, *data) -> None:
+    """Train ``method.n_states`` members with :func:`fit_states` (checkpointed under
+    ``method.checkpoint_dir``, keyed by the hyper-parameters, genes and training ``data``)
+    and store ``method.states_`` / ``method.loss_history_``."""
+    params = {k: v for k, v in method.params().items() if k not in RUNTIME_PARAMS}
+    key = fingerprint(params, method.name, method.genes_, *data)
+    states = fit_states(fit_one, method.n_states, method.seed, method.checkpoint_dir,
+                        key=key, progress=method.progress)
+    method.states_ = [s["model"] for s in states]
+    method.loss_history_ = [s["loss"] for s in states]
+
+
+def load_members(states, build, device) -> list:
+    """Rebuild each ensemble member with ``build()`` and load its state, in eval mode."""
+    models = []
+    for st in states:
+        m = build()
+        m.load_state_dict(st)
+        models.append(m.to(device).eval())
+    return models

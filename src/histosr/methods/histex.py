@@ -409,31 +409,17 @@ class CrossAttentionSR(Method):
                 mean = torch.bmm(wts.unsqueeze(1), p).squeeze(1)
                 return ((mean - y) ** 2).mean()
 
-            hist = train.train_loop(model, batches, loss_fn, self.epochs, self.lr,
-                                    optimizer="adam",
-                                    progress=self.name if self.progress else False)
-            state = {k_: v.detach().cpu().clone() for k_, v in model.state_dict().items()}
-            return {"model": state, "loss": hist}
+            return train.train_member(model, batches, loss_fn, self.epochs, self.lr,
+                                      self.name if self.progress else False)
 
-        key = train.fingerprint(
-            {k_: v for k_, v in self.params().items()
-             if k_ not in ("checkpoint_dir", "progress", "device", "consistency")},
-            self.name, self.genes_, X, Y, win, ctx, HR, SW, P,
-        )
-        states = train.fit_states(fit_one, self.n_states, self.seed, self.checkpoint_dir,
-                                  key=key, progress=self.progress)
-        self.states_ = [s["model"] for s in states]
-        self.loss_history_ = [s["loss"] for s in states]
+        train.fit_method_states(self, fit_one, X, Y, win, ctx, HR, SW, P)
 
     # -- prediction -------------------------------------------------------------------------
     def _models(self, dev):
-        models = []
-        for st in self.states_:
-            m = build_model(self.in_dim_, len(self.genes_), self.embed_dim, self.heads,
-                            self.n_blocks, self.activation, tuple(self.hidden))
-            m.load_state_dict(st)
-            models.append(m.to(dev).eval())
-        return models
+        return train.load_members(
+            self.states_,
+            lambda: build_model(self.in_dim_, len(self.genes_), self.embed_dim, self.heads,
+                                self.n_blocks, self.activation, tuple(self.hidden)), dev)
 
     def _predict_cells(self, section, features, flat_cells: np.ndarray) -> np.ndarray:
         flat_cells = np.asarray(flat_cells, dtype=np.int64)

@@ -181,29 +181,16 @@ class IStar(Method):
                 mean = torch.bmm(w.unsqueeze(1), p).squeeze(1)
                 return ((mean - y) ** 2).mean()
 
-            hist = train.train_loop(model, batches, loss_fn, self.epochs, self.lr,
-                                    optimizer="adam", progress="istar" if self.progress else False)
-            state = {k_: v.detach().cpu().clone() for k_, v in model.state_dict().items()}
-            return {"model": state, "loss": hist}
+            return train.train_member(model, batches, loss_fn, self.epochs, self.lr,
+                                      "istar" if self.progress else False)
 
-        key = train.fingerprint(
-            {k_: v for k_, v in self.params().items()
-             if k_ not in ("checkpoint_dir", "progress", "device", "consistency")},
-            self.genes_, X, Y, P,
-        )
-        states = train.fit_states(fit_one, self.n_states, self.seed, self.checkpoint_dir,
-                                  key=key, progress=self.progress)
-        self.states_ = [s["model"] for s in states]
-        self.loss_history_ = [s["loss"] for s in states]
+        train.fit_method_states(self, fit_one, X, Y, P)
 
     # -- prediction -------------------------------------------------------------------------
     def _models(self, dev):
-        models = []
-        for st in self.states_:
-            m = _build_mlp(self.in_dim_, len(self.genes_), self.hidden, self.n_layers)
-            m.load_state_dict(st)
-            models.append(m.to(dev).eval())
-        return models
+        return train.load_members(
+            self.states_,
+            lambda: _build_mlp(self.in_dim_, len(self.genes_), self.hidden, self.n_layers), dev)
 
     def state_predictions(self, features, flat_cells: np.ndarray) -> np.ndarray:
         """(n_states, n_cells, G) counts per superpixel of each member (no median, no
