@@ -142,3 +142,26 @@ def section_features(section, method, encoder: str, cache_dir: Path | None,
     kw = {} if mask is None else {"mask": np.asarray(mask, dtype=bool)}
     return features.compute(section, encoder=encoder, cache_dir=cache_dir, progress=progress,
                             **kw)
+
+
+def score_sections(protocol: str, sections, score_one, *, method_name: str, encoder: str,
+                   params: dict, timer: Timer, out=None, progress: bool = True,
+                   skip_log=("seconds",)) -> dict:
+    """The loop every protocol shares: ``score_one(section_spec) -> (name, scores)`` per
+    section, a progress line each, and the results dict rewritten to ``out/results.json``
+    after every section (a killed run keeps what it finished)."""
+    from . import report
+
+    scored: dict[str, dict] = {}
+    res = None
+    for s in sections:
+        name, scores = score_one(s)
+        scored[name] = scores
+        log(progress, f"{name}: " + ", ".join(
+            f"{k}={v:.3f}" for k, v in scores.items()
+            if isinstance(v, float) and k not in skip_log))
+        res = report.results(protocol, method_name, encoder, params, scored, timer.elapsed,
+                             peak_rss_mb())
+        if out is not None:
+            report.write_results(res, out)
+    return res

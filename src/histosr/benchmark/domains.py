@@ -33,8 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import metrics
-from . import report
-from .common import Timer, log, method_factory, peak_rss_mb, section_features
+from .common import Timer, log, method_factory, score_sections, section_features
 from .p2 import read_section
 
 PROTOCOL = "domains"
@@ -207,17 +206,12 @@ def domains(method="istar", sections=None, encoder: str = "handcrafted", data=No
         cache_dir = Path(out) / "cache"
     if cache_dir is not None:
         params["checkpoints"] = "cache_dir/ckpt-<section> (finished states are reused)"
-    scored: dict[str, dict] = {}
-    res = None
-    for s in list(sections or DEFAULT_SECTIONS):
+    def score_one(s):
         sec = read_section(data, s) if isinstance(s, str) else s
         log(progress, f"{sec.name}: {sec.n_spots} spots")
-        scored[sec.name] = run_section(sec, make, encoder, cache_dir, seed, n_genes, out,
-                                       progress)
-        log(progress, f"{sec.name}: " + ", ".join(
-            f"{k}={v:.3f}" for k, v in scored[sec.name].items()
-            if isinstance(v, float) and k != "seconds"))
-        res = report.results(PROTOCOL, mname, encoder, params, scored, t.elapsed, peak_rss_mb())
-        if out is not None:
-            report.write_results(res, out)
-    return res
+        return sec.name, run_section(sec, make, encoder, cache_dir, seed, n_genes, out,
+                                     progress)
+
+    return score_sections(PROTOCOL, list(sections or DEFAULT_SECTIONS), score_one,
+                          method_name=mname, encoder=encoder, params=params, timer=t, out=out,
+                          progress=progress)

@@ -33,8 +33,7 @@ import numpy as np
 
 from .. import metrics
 from ..geometry import pool_spots
-from . import report
-from .common import Timer, log, method_factory, peak_rss_mb, section_features
+from .common import Timer, log, method_factory, score_sections, section_features
 
 PROTOCOL = "p2"
 SCORING = {
@@ -152,16 +151,10 @@ def p2(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
     if cache_dir is None and out is not None:
         cache_dir = Path(out) / "cache"
     sections = list(sections or HER2ST_SECTIONS)
-    scored: dict[str, dict] = {}
-    res = None
-    for s in sections:
+    def score_one(s):
         native = read_section(data, s) if isinstance(s, str) else s
         log(progress, f"{native.name}: {native.n_spots} native spots")
-        scored[native.name] = run_section(native, make, encoder, cache_dir, progress, library)
-        log(progress, f"{native.name}: " + ", ".join(
-            f"{k}={v:.3f}" for k, v in scored[native.name].items()
-            if isinstance(v, float) and k != "seconds"))
-        res = report.results(PROTOCOL, mname, encoder, params, scored, t.elapsed, peak_rss_mb())
-        if out is not None:
-            report.write_results(res, out)
-    return res
+        return native.name, run_section(native, make, encoder, cache_dir, progress, library)
+
+    return score_sections(PROTOCOL, sections, score_one, method_name=mname, encoder=encoder,
+                          params=params, timer=t, out=out, progress=progress)

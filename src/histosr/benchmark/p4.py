@@ -25,8 +25,7 @@ import numpy as np
 
 from .. import metrics
 from ..geometry import grid_for, section_footprints
-from . import report
-from .common import Timer, log, method_factory, peak_rss_mb, section_features
+from .common import Timer, log, method_factory, score_sections, section_features
 
 PROTOCOL = "p4"
 SCORING = {
@@ -173,19 +172,14 @@ def p4(method, sections=None, encoder: str = "handcrafted", epochs=None, n_state
         cache_dir = Path(out) / "cache"
     if sections is None:
         sections = [f"synthetic{seed + i}" for i in range(n_sections)]
-    scored: dict[str, dict] = {}
-    res = None
-    for s in sections:
+    def score_one(s):
         sec = _synthetic(s)
         if sec.truth is None:
             raise ValueError(f"P4 needs sections with an 8 um truth; {sec.name!r} has none")
         log(progress, f"{sec.name}: {sec.n_spots} pseudo-spots, "
                       f"{int(np.asarray(sec.truth['mask']).sum())} tissue superpixels")
-        scored[sec.name] = run_section(sec, make, encoder, cache_dir, seed, progress)
-        log(progress, f"{sec.name}: " + ", ".join(
-            f"{k}={v:.3f}" for k, v in scored[sec.name].items()
-            if isinstance(v, float) and k not in ("seconds", "coverage")))
-        res = report.results(PROTOCOL, mname, encoder, params, scored, t.elapsed, peak_rss_mb())
-        if out is not None:
-            report.write_results(res, out)
-    return res
+        return sec.name, run_section(sec, make, encoder, cache_dir, seed, progress)
+
+    return score_sections(PROTOCOL, sections, score_one, method_name=mname, encoder=encoder,
+                          params=params, timer=t, out=out, progress=progress,
+                          skip_log=("seconds", "coverage"))

@@ -34,6 +34,7 @@ from ._common import (
     check_unique,
     is_gzip,
     make_unique,
+    numeric_columns,
     open_image_checked,
     read_table,
     require_columns,
@@ -264,15 +265,7 @@ def _read_positions(spatial: Path) -> tuple[pd.DataFrame, Path]:
             "Ranger 2+), tissue_positions_list.csv (v1) or tissue_positions.parquet (HD)"
         )
     df["barcode"] = df["barcode"].astype(str)
-    for c in POSITION_COLUMNS[1:]:
-        v = pd.to_numeric(df[c], errors="coerce")
-        if v.isna().any():
-            i = int(np.flatnonzero(v.isna().to_numpy())[0])
-            raise SectionError(
-                f"spot positions {path}: column {c!r} must be numeric, row {i + 1} holds "
-                f"{df[c].iloc[i]!r}"
-            )
-        df[c] = v
+    numeric_columns(df, POSITION_COLUMNS[1:], "spot positions", path)
     check_unique(df["barcode"], f"spot positions {path}")
     return df, path
 
