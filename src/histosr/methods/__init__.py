@@ -1,6 +1,7 @@
 """Methods: scikit-learn-like estimators registered by name.
 
-``get_method("istar", epochs=400)``, ``available_methods()``; built-ins: ``istar`` and the
+``get_method("istar", epochs=400)``, ``available_methods()``; built-ins: ``istar``,
+``histex``, ``deephex`` and the
 baselines ``nearest``, ``bilinear``, ``knn`` (loaded on first use of the registry).
 """
 
