@@ -34,6 +34,7 @@ from ._common import (
     check_unique,
     is_gzip,
     make_unique,
+    match_spots,
     numeric_columns,
     open_image_checked,
     read_table,
@@ -350,18 +351,15 @@ def _outs_folder(path: PathLike) -> Path:
     return p
 
 
-def _join(barcodes: list[str], pos: pd.DataFrame, pos_path: Path, mpath: Path):
-    check_unique(barcodes, f"count matrix {mpath}")
-    where = pd.Index(pos["barcode"]).get_indexer(pd.Index(barcodes))
-    if (where < 0).any():
-        miss = pd.Index(barcodes)[where < 0]
-        raise SectionError(
-            f"unmatched spot ids: {len(miss)} barcode(s) of {mpath} have no row in "
-            f"{pos_path} (e.g. {miss[:5].tolist()}). The matrix and spatial/ must come from "
-            "the same Space Ranger run."
-        )
-    return where
-
+def _counts(m, bc, genes, features, rows: pd.DataFrame, xy: np.ndarray):
+    """Counts AnnData of a Space Ranger reader: lattice indices in obs, feature ids/types in
+    var."""
+    obs = pd.DataFrame({"array_row": rows["array_row"].astype(int).to_numpy(),
+                        "array_col": rows["array_col"].astype(int).to_numpy()})
+    counts = make_counts(m, bc, genes, xy, obs=obs)
+    counts.var["gene_ids"] = features["id"].to_numpy()
+    counts.var["feature_types"] = features["feature_type"].to_numpy()
+    return counts
 
 
 def _in_tissue_spots(folder, spatial, counts_file, meta: dict, unit: str):
@@ -373,7 +371,8 @@ def _in_tissue_spots(folder, spatial, counts_file, meta: dict, unit: str):
     pos, pos_path = _read_positions(spatial)
     sf = _read_scalefactors(spatial)
     meta["scalefactors"] = sf
-    where = _join(barcodes, pos, pos_path, mpath)
+    where = match_spots(pd.Index(barcodes), pd.Index(pos["barcode"]),
+                        f"count matrix {mpath}", f"spot positions {pos_path}")
     in_tissue = pos["in_tissue"].to_numpy()[where] == 1
     if not in_tissue.any():
         raise SectionError(
@@ -429,11 +428,7 @@ def read_visium(
     img, xy, um = upsample_if_coarse(img, xy, um, meta.get("image_source", "image"), meta)
     meta["um_per_px_fullres"] = um_full
 
-    obs = pd.DataFrame({"array_row": rows["array_row"].astype(int).to_numpy(),
-                        "array_col": rows["array_col"].astype(int).to_numpy()})
-    counts = make_counts(m, bc, genes, xy, obs=obs)
-    counts.var["gene_ids"] = features["id"].to_numpy()
-    counts.var["feature_types"] = features["feature_type"].to_numpy()
+    counts = _counts(m, bc, genes, features, rows, xy)
     section = Section(
         name=name or (outs.parent.name if outs.name == "outs" else outs.name),
         image=img,
@@ -552,11 +547,7 @@ def read_visium_hd(
     img, xy, um = upsample_if_coarse(img, xy, um, meta.get("image_source", "image"), meta)
     meta["um_per_px_fullres"] = um_full
     meta["bin_size_um"] = bin_um
-    obs = pd.DataFrame({"array_row": rows["array_row"].astype(int).to_numpy(),
-                        "array_col": rows["array_col"].astype(int).to_numpy()})
-    counts = make_counts(m, bc, genes, xy, obs=obs)
-    counts.var["gene_ids"] = features["id"].to_numpy()
-    counts.var["feature_types"] = features["feature_type"].to_numpy()
+    counts = _counts(m, bc, genes, features, rows, xy)
     section = Section(
         name=name or f"{folder.parent.name}/{folder.name}",
         image=img,
