@@ -141,6 +141,7 @@ def cmd_benchmark(args) -> int:
         sections=args.sections.split(",") if args.sections else None, epochs=args.epochs,
         n_states=args.n_states, seed=args.seed, out=args.out,
         consistency=args.consistency, progress=not args.quiet,
+        **({"scheduler": args.scheduler} if args.scheduler else {}),
     )
     print(json.dumps({"protocol": res["protocol"], "method": res["method"], "mean": res["mean"]}))
     print(f"results: {Path(args.out) / 'results.json'}")
@@ -245,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_evaluate)
 
     s = sub.add_parser("benchmark", help="accuracy protocols of BENCHMARKS.md")
-    s.add_argument("protocol", choices=["p2", "p4", "domains"])
+    s.add_argument("protocol", choices=["p1", "p2", "p3", "p4", "domains"])
     s.add_argument("--method", required=True)
     s.add_argument("--encoder", default="handcrafted")
     s.add_argument("--data", help="data folder (default: $HISTOSR_DATA or ../shared/data)")
@@ -254,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-states", type=int)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--consistency", action=argparse.BooleanOptionalAction, default=True)
+    s.add_argument("--scheduler", help="Dask: 'local' (LocalCluster) or a scheduler address; "
+                   "protocols with independent folds (p3) run them in parallel")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_benchmark)
 

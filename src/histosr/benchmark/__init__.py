@@ -1,8 +1,8 @@
 """Accuracy protocols of BENCHMARKS.md: the only code that computes their numbers.
 
-``run("p2" | "p4" | "domains", method, ...)`` is what ``histosr benchmark`` calls; :func:`p2`,
-:func:`p4` and :func:`domains` (tissue domains against pathologist labels) are the protocols
-themselves. Each returns the results dict
+``run("p1" | "p2" | "p3" | "p4" | "domains", method, ...)`` is what ``histosr benchmark`` calls;
+:func:`p1` (spot hold-out), :func:`p2`, :func:`p3` (H&E only, leave one section out), :func:`p4`
+and :func:`domains` (tissue domains against pathologist labels) are the protocols themselves. Each returns the results dict
 (``{"protocol", "method", "encoder", "params", "sections", "mean", "seconds",
 "peak_rss_mb"}``) and, given ``out``, writes it to ``out/results.json``.
 """
@@ -15,22 +15,35 @@ from .p4 import p4, score_superpixels
 from .report import read_results, write_results
 
 PROTOCOLS = {"p2": p2, "p4": p4, "domains": domains}
+# protocols in their own modules, imported on first use (p1: spot hold-out, p3: H&E only)
+_LAZY = {"p1": ("p1", "p1"), "p3": ("p3", "p3")}
+
+
+def _protocol(key: str):
+    if key in PROTOCOLS:
+        return PROTOCOLS[key]
+    import importlib
+
+    mod, fn = _LAZY[key]
+    PROTOCOLS[key] = getattr(importlib.import_module(f".{mod}", __name__), fn)
+    return PROTOCOLS[key]
 
 
 def run(protocol: str, method, encoder: str = "handcrafted", data=None, sections=None,
         epochs: int | None = None, n_states: int | None = None, seed: int = 0, out=None,
-        consistency: bool | None = None, progress: bool = True) -> dict:
+        consistency: bool | None = None, progress: bool = True, **kwargs) -> dict:
     """Run a protocol by name. ``method``: registered name or Method instance;
     ``consistency``: True/False forces the shared mass-preserving step, ``None`` keeps the
     method's default (the setting used is recorded in ``params["consistency"]``);
-    ``epochs``/``n_states``: below the published defaults they are recorded as such."""
+    ``epochs``/``n_states``: below the published defaults they are recorded as such;
+    other keyword arguments (e.g. ``scheduler`` for p3) go to the protocol."""
     key = str(protocol).lower()
-    if key not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}: expected one of {sorted(PROTOCOLS)} "
-                         "(p1 and p3 are not implemented yet)")
-    return PROTOCOLS[key](method, sections=sections, encoder=encoder, data=data, epochs=epochs,
+    if key not in PROTOCOLS and key not in _LAZY:
+        raise ValueError(f"unknown protocol {protocol!r}: expected one of "
+                         f"{sorted(set(PROTOCOLS) | set(_LAZY))}")
+    return _protocol(key)(method, sections=sections, encoder=encoder, data=data, epochs=epochs,
                           n_states=n_states, seed=seed, consistency=consistency, out=out,
-                          progress=progress)
+                          progress=progress, **kwargs)
 
 
 __all__ = ["run", "p2", "p4", "domains", "score_superpixels", "write_results", "read_results",
