@@ -1,9 +1,11 @@
 """Encoders and feature maps. ``histosr.features.compute(section, encoder=...)``."""
 
+from .crops import crop_dim, crop_features
 from .featuremap import FeatureMap
 from .registry import available_encoders, get_encoder, register_encoder
 
-__all__ = ["FeatureMap", "available_encoders", "get_encoder", "register_encoder", "compute"]
+__all__ = ["FeatureMap", "available_encoders", "get_encoder", "register_encoder", "compute",
+           "crop_features", "crop_dim"]
 
 
 def compute(section, encoder: str = "handcrafted", **kwargs) -> FeatureMap:
