@@ -94,6 +94,12 @@ def test_p2_on_synthetic_nearest(tiny):
     s = res["sections"][tiny.name]
     assert s["top50_within_pcc"] == pytest.approx(0.0, abs=1e-6)
     assert s["top50_pcc"] > 0.3
+    assert not any(k.startswith("raw_") for k in s)
+    # with consistency, the same fit is also scored without it
+    s2 = benchmark.p2("bilinear", sections=[tiny], progress=False,
+                      consistency=True)["sections"][tiny.name]
+    assert {"raw_top50_pcc", "raw_hvg1000_pcc", "raw_top50_within_pcc"} <= set(s2)
+    assert s2["raw_top50_pcc"] != s2["top50_pcc"]
 
 
 def test_method_factory_records_reductions():

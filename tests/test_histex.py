@@ -160,3 +160,19 @@ def test_errors(syn, fitted):
         get_method("histex", embed_dim=30).fit(sec, fm)
     with pytest.raises(RuntimeError, match="fit"):
         get_method("deephex").predict(sec, fm)
+    with pytest.raises(ValueError, match="context must be one of"):
+        get_method("histex", context="none").fit(sec, fm)
+
+
+def test_context_ablations_change_what_the_tokens_see(syn):
+    sec, fm, _ = syn
+    m = get_method("histex", **SMALL).fit(sec, fm)
+    _, v = m._context(sec)
+    for ctx in ("off", "shuffled"):
+        m.context = ctx
+        _, va = m._context(sec)
+        assert va.shape == v.shape and not np.array_equal(va, v)
+        if ctx == "off":
+            assert not va.any()
+        else:  # the same values at other positions
+            np.testing.assert_array_equal(np.sort(va, axis=0), np.sort(v, axis=0))

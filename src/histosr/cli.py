@@ -136,8 +136,13 @@ def cmd_evaluate(args) -> int:
 def cmd_benchmark(args) -> int:
     from . import benchmark
 
+    method = args.method
+    if args.set:  # method hyper-parameters (ablations): a configured instance is the template
+        from .methods import get_method
+
+        method = get_method(args.method, seed=args.seed, **_key_values(args.set))
     res = benchmark.run(
-        args.protocol, method=args.method, encoder=args.encoder, data=args.data,
+        args.protocol, method=method, encoder=args.encoder, data=args.data,
         sections=args.sections.split(",") if args.sections else None, epochs=args.epochs,
         n_states=args.n_states, seed=args.seed, out=args.out,
         consistency=args.consistency, progress=not args.quiet,
@@ -146,6 +151,19 @@ def cmd_benchmark(args) -> int:
     print(json.dumps({"protocol": res["protocol"], "method": res["method"], "mean": res["mean"]}))
     print(f"results: {Path(args.out) / 'results.json'}")
     return 0
+
+
+def _key_values(items: list[str]) -> dict:
+    """``["context=off", "epochs=10"]`` -> ``{"context": "off", "epochs": 10}`` (YAML values)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(val)
+    return out
 
 
 def cmd_simulate(args) -> int:
@@ -255,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-states", type=int)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--consistency", action=argparse.BooleanOptionalAction, default=True)
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="method hyper-parameter, repeatable (e.g. --set context=off)")
     s.add_argument("--scheduler", help="Dask: 'local' (LocalCluster) or a scheduler address; "
                    "protocols with independent folds (p3) run them in parallel")
     s.add_argument("--out", required=True)

@@ -488,6 +488,45 @@ def _bin_folder(path: Path, bin_size) -> Path:
     return path / want
 
 
+MICROSCOPE_PATTERNS = ("*tissue_image.btf", "*tissue_image.tif", "*tissue_image.tiff",
+                       "*tissue_image.ome.tif", "*_image.btf")
+
+
+def _microscope_image(folder: Path) -> Path | None:
+    """The full-resolution microscope image of a Visium HD run, when it sits in the bin
+    folder or up to three levels above it (10x public datasets ship
+    ``<sample>_tissue_image.btf``/``.tif`` next to ``outs``); CytAssist captures are skipped."""
+    for base in [folder, *list(folder.parents)[:3]]:
+        for pat in MICROSCOPE_PATTERNS:
+            hits = sorted(p for p in base.glob(pat)
+                          if p.is_file() and "cytassist" not in p.name.lower())
+            if hits:
+                return hits[0]
+    return None
+
+
+def _check_bin_pitch(xy_full: np.ndarray, um_full: float, bin_um: float, src: str) -> None:
+    """Cross-check the pixel size against the bin lattice (bins are ``bin_um`` apart) when
+    enough neighbouring bins are present to measure their pitch."""
+    from scipy.spatial import cKDTree
+
+    if len(xy_full) < 50:
+        return
+    d = cKDTree(xy_full).query(xy_full, k=2)[0][:, 1]
+    med = float(np.median(d))
+    if np.mean(np.abs(d - med) <= 0.05 * med) < 0.8:  # not a dense lattice: cannot measure
+        return
+    pitch_um = med * um_full
+    if abs(pitch_um - bin_um) / bin_um > 0.15:
+        raise SectionError(
+            f"pixel size {um_full:.4f} um/px from {src} disagrees with the bin lattice: "
+            f"neighbouring {bin_um:g} um bins are {pitch_um / um_full:.2f} px apart, i.e. "
+            f"{pitch_um:.2f} um at that pixel size (expected {bin_um:g} um). Check "
+            "microns_per_pixel (or pass um_per_px=) and that tissue_positions.parquet belongs "
+            "to this bin level."
+        )
+
+
 def read_visium_hd(
     path: PathLike,
     bin_size: str | int | None = None,
@@ -541,6 +580,11 @@ def read_visium_hd(
             f"disagrees with bin_size_um ({bin_um:g})",
             stacklevel=2,
         )
+    _check_bin_pitch(xy_full, um_full, bin_um, src)
+    if image is None:
+        image = _microscope_image(folder)
+        if image is not None:
+            meta["microscope_image_found"] = str(image)
     img, s = _choose_image(spatial, image, sf, meta)
     meta["coord_scale"] = s
     xy, um = xy_full * s, um_full / s

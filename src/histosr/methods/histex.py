@@ -42,6 +42,9 @@ from .base import Method, register_method
 # Upper bound on the float32 activations of one prediction chunk (tokens x embedding).
 _PREDICT_BUDGET_BYTES = 2**27
 _RGB_NAMES = ("r_mean", "g_mean", "b_mean")
+#: gene context: ``"hr"`` the published one; ``"off"`` (zeros) and ``"shuffled"`` (HR
+#: pseudo-spot values permuted over positions, seeded) are ablations of what it adds
+CONTEXTS = ("hr", "off", "shuffled")
 
 
 # --------------------------------------------------------------------------------------
@@ -170,7 +173,8 @@ def build_model(d_in: int, n_genes: int, embed_dim: int, heads: int, n_blocks: i
 class CrossAttentionSR(Method):
     """Shared implementation of HISTEX and DeepHEx (see the module docstring and the
     registered classes for the published defaults and the differences from the released
-    code)."""
+    code). ``context="off" | "shuffled"`` ablates the gene context (zeros, or the HR values
+    permuted over the HR positions) at fit and predict alike; ``"hr"`` is the method."""
 
     epochs: int = 500
     n_states: int = 5
@@ -186,6 +190,7 @@ class CrossAttentionSR(Method):
     standardize: bool = True
     max_cells_per_spot: int | None = 16
     shuffle: bool = False
+    context: str = "hr"
     device: str = "auto"
     checkpoint_dir: str | None = None
     progress: bool = True
@@ -203,6 +208,8 @@ class CrossAttentionSR(Method):
             raise ValueError("max_cells_per_spot must be >= 2 or None (all cells)")
         if self.n_blocks < 1 or self.k_neighbors < 1:
             raise ValueError("n_blocks and k_neighbors must be >= 1")
+        if self.context not in CONTEXTS:
+            raise ValueError(f"context must be one of {CONTEXTS}, got {self.context!r}")
 
     # -- inputs shared by fit and predict ------------------------------------------------
     def _extra_channels(self, features) -> list[str]:
@@ -251,6 +258,10 @@ class CrossAttentionSR(Method):
             xy, v = section.xy, section.dense_counts(self.genes_).astype(np.float32)
         lo, hi = v.min(axis=0), v.max(axis=0)
         v = (v - lo) / np.where(hi - lo > 0, hi - lo, 1.0)
+        if self.context == "off":  # ablation: no expression reaches the tokens
+            v = np.zeros_like(v)
+        elif self.context == "shuffled":  # ablation: right values, wrong places
+            v = v[np.random.default_rng(self.seed).permutation(len(v))]
         return np.asarray(xy, dtype=np.float64), v.astype(np.float32)
 
     def _neighbours(self, hr_xy, xy) -> np.ndarray:
