@@ -80,3 +80,30 @@ def dask_client(scheduler) -> Iterator:
         yield client
     finally:
         client.close()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run with PyTorch's CPU intra-op thread count set to ``n`` (restored after; nothing
+    when ``n`` is None). CPU results of torch depend on this count (reduction order), so a
+    Dask task uses the submitting process's count to reproduce its results bit for bit."""
+    if not n:
+        yield
+        return
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def caller_torch_threads() -> int | None:
+    """This process's PyTorch intra-op thread count, or None when torch is not installed."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return None
+    return int(torch.get_num_threads())

@@ -95,6 +95,16 @@ class ZarrImage(ImageSource):
     def _read(self, y0, x0, y1, x1):
         return np.asarray(self.array[y0:y1, x0:x1, :3])
 
+    def __getstate__(self):
+        # by path when there is one (Dask workers reopen the store; pixels never travel)
+        return {"path": self.path} if self.path else self.__dict__
+
+    def __setstate__(self, state):
+        if state.get("path") and "array" not in state:
+            self.__init__(state["path"])
+        else:
+            self.__dict__.update(state)
+
 
 class FileImage(ImageSource):
     """An image file (JPEG/PNG/TIFF). TIFFs are memory-mapped through tifffile when
@@ -132,6 +142,13 @@ class FileImage(ImageSource):
     @property
     def shape(self):
         return self._shape
+
+    def __getstate__(self):
+        # by path: neither the decoded pixels nor the open TIFF store travel (Dask workers)
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
 
     def _load(self) -> np.ndarray:
         if self._array is None:

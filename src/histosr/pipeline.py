@@ -9,6 +9,7 @@ depends on it. Config example (YAML)::
     method: {name: istar, params: {epochs: 400, n_states: 5}, consistency: true}
     genes: {n_top: 1000}
     predict: {previews: [ERBB2, COL1A1]}
+    outputs: {spatialdata: true}   # optional: also write spatialdata.zarr
     seed: 0
     out: runs/C2
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,8 @@ DEFAULTS: dict[str, Any] = {
     "method": {"name": "istar", "params": {}, "consistency": True},
     "genes": {"n_top": 1000, "min_frac": 0.1},
     "predict": {"previews": None, "n_previews": 4},
+    # outputs.spatialdata: also write a SpatialData zarr store (needs histosr[spatialdata])
+    "outputs": {"spatialdata": False},
     "seed": 0,
 }
 
@@ -63,7 +67,8 @@ def _merge(cfg: dict) -> dict:
             out[k].update(v)
         else:
             out[k] = v
-    known = {"section", "features", "method", "genes", "predict", "seed", "out", "cache"}
+    known = {"section", "features", "method", "genes", "predict", "seed", "out", "cache",
+             "outputs"}
     extra = sorted(set(out) - known)
     if extra:
         raise ConfigError(f"unknown config keys {extra}: expected some of {sorted(known)}")
@@ -107,6 +112,7 @@ def choose_genes(section, n_top: int, min_frac: float = 0.1) -> list[str]:
 def run(cfg: dict, out: str | Path | None = None, progress: bool = True) -> RunReport:
     """Run the pipeline; returns the written report."""
     from . import features as feat
+    from . import train
     from .methods.base import Method, get_method
     from .metrics import log_cp10k, pcc_per_gene
     from .outputs import write_h5ad, write_maps_from_anndata
@@ -121,7 +127,8 @@ def run(cfg: dict, out: str | Path | None = None, progress: bool = True) -> RunR
     with rep.stage("read"):
         section = read_section(cfg["section"])
     rep.notes.append(repr(section))
-    with rep.stage("features"):
+    train.init_distributed()  # under torchrun: rank 0 writes, all ranks train (DDP)
+    with rep.stage("features"), train.main_process_first():  # ranks > 0: from the cache
         fm = feat.compute(section, encoder=cfg["features"]["encoder"], cache_dir=cache,
                           progress=progress,
                           **{k: v for k, v in cfg["features"].items() if k != "encoder"})
@@ -140,7 +147,7 @@ def run(cfg: dict, out: str | Path | None = None, progress: bool = True) -> RunR
     model_dir = out / "model"
     with rep.stage("fit"):
         stamp = model_dir / "key.txt"
-        if stamp.is_file() and stamp.read_text() == key:
+        if train.all_agree(stamp.is_file() and stamp.read_text() == key):
             method = Method.load(model_dir)
             rep.notes.append("fitted model reused from the run cache")
         else:
@@ -150,8 +157,11 @@ def run(cfg: dict, out: str | Path | None = None, progress: bool = True) -> RunR
             if hasattr(method, "checkpoint_dir"):
                 method.checkpoint_dir = str(cache / f"ckpt-{key}")
             method.fit([section], [fm], genes=genes)
-            method.save(model_dir)
-            stamp.write_text(key)
+            if train.is_main_process():
+                method.save(model_dir)
+                stamp.write_text(key)
+    if not train.is_main_process():
+        return rep  # torchrun ranks > 0 only help training; rank 0 writes the outputs
     with rep.stage("predict"):
         pred = method.predict(section, fm, at="superpixels")
         spots_pred = method.predict(section, fm, at="spots")
@@ -159,6 +169,11 @@ def run(cfg: dict, out: str | Path | None = None, progress: bool = True) -> RunR
         rep.outputs["prediction"] = str(write_h5ad(pred, out / "prediction.h5ad"))
         rep.outputs["spots"] = str(write_h5ad(spots_pred, out / "prediction_spots.h5ad"))
         rep.outputs["maps"] = str(write_maps_from_anndata(pred, out / "maps.zarr"))
+        if cfg["outputs"].get("spatialdata"):
+            from .io import write_spatialdata
+
+            rep.outputs["spatialdata"] = str(write_spatialdata(out / "spatialdata.zarr",
+                                                               section, pred))
         rep.outputs["model"] = str(model_dir)
         rep.outputs["n_superpixels"] = int(pred.n_obs)
         rep.outputs["n_genes"] = int(pred.n_vars)
@@ -187,3 +202,45 @@ def run(cfg: dict, out: str | Path | None = None, progress: bool = True) -> RunR
 def _top_var(adata, n: int) -> list[str]:
     X = np.log1p(np.asarray(adata.X, dtype=np.float64))
     return [adata.var_names[i] for i in np.argsort(-X.var(axis=0))[:n]]
+
+
+# -- cohorts: one pipeline run per section, on Dask -------------------------------------------
+_RUN_LOCK = threading.Lock()
+
+
+def _run_task(cfg: dict, progress: bool, threads: int | None) -> RunReport:
+    from .cluster import torch_threads
+
+    # One run at a time per worker process, whatever its thread count: torch's RNG and
+    # thread pool are process-wide, so concurrent runs in one process would not be
+    # reproducible. Parallelism comes from worker processes.
+    with _RUN_LOCK, torch_threads(threads):
+        return run(cfg, progress=progress)
+
+
+def run_many(cfgs: list, scheduler=None, progress: bool = False,
+             threads: int | None = None) -> list[RunReport]:
+    """Run the pipeline for each config (a dict or a YAML path), each in its own run folder
+    (the configs' ``out`` must differ); with ``scheduler`` (``"local"``, a Dask address or a
+    ``distributed.Client``, see :mod:`histosr.cluster`) each run is one Dask task. Returns
+    the reports in config order.
+
+    Results equal running the configs one by one in this process: torch's CPU results depend
+    on its intra-op thread count, so each task runs with ``threads`` torch threads (default:
+    this process's count). Lower it (and the number of workers) so that workers x threads
+    does not exceed the cores; results then equal one-by-one runs after
+    ``torch.set_num_threads(threads)``."""
+    cfgs = [load_config(c) if isinstance(c, (str, Path)) else dict(c) for c in cfgs]
+    outs = [str(Path(c.get("out") or "histosr_run").resolve()) for c in cfgs]
+    dup = sorted({o for o in outs if outs.count(o) > 1})
+    if dup:
+        raise ConfigError(f"several configs write to the same run folder {dup}: give each "
+                          "config its own 'out'")
+    if scheduler is None:
+        return [run(c, progress=progress) for c in cfgs]
+    from .cluster import caller_torch_threads, dask_client
+
+    threads = threads or caller_torch_threads()
+    with dask_client(scheduler) as client:
+        futs = [client.submit(_run_task, c, progress, threads, pure=False) for c in cfgs]
+        return client.gather(futs)

@@ -12,6 +12,7 @@ member on disk, so that a killed run resumes with the members it has not finishe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,6 +33,11 @@ __all__ = [
     "make_optimizer",
     "train_loop",
     "fingerprint",
+    "distributed_env",
+    "init_distributed",
+    "is_main_process",
+    "main_process_first",
+    "all_agree",
 ]
 
 
@@ -71,9 +77,15 @@ def resolve_device(device: str = "auto"):
     (a CUDA request on a machine without CUDA is an error that says so)."""
     import torch
 
+    env = distributed_env()
     if device is None or device == "auto":
+        if torch.cuda.is_available() and env is not None:
+            return torch.device("cuda", env[2])  # torchrun: one GPU per local rank
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None and env is not None and \
+            torch.cuda.is_available():
+        dev = torch.device("cuda", env[2])
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(
             f"device {device!r} requested but PyTorch sees no CUDA GPU: use device='cpu' or "
@@ -131,20 +143,23 @@ def fit_states(
     states = []
     for i, s in enumerate(seeds):
         path = ckpt / f"state-{i:03d}.pkl" if ckpt is not None else None
+        saved = None
         if path is not None and path.exists():
             try:
                 with open(path, "rb") as f:
                     saved = pickle.load(f)
             except Exception:  # a damaged file is retrained, not fatal
                 saved = None
-            if isinstance(saved, dict) and saved.get("seed") == s and saved.get("key") == key:
-                states.append(saved["state"])
-                continue
-        if progress:
+        ok = isinstance(saved, dict) and saved.get("seed") == s and saved.get("key") == key
+        # under DDP every rank must take the same branch (training is collective)
+        if all_agree(ok):
+            states.append(saved["state"])
+            continue
+        if progress and is_main_process():
             print(f"state {i + 1}/{n_states} (seed {s})", flush=True)
         seed_everything(s)
         state = fit_one(s)
-        if path is not None:
+        if path is not None and is_main_process():  # only rank 0 writes
             _atomic_pickle({"seed": s, "key": key, "index": i, "state": state}, path)
         states.append(state)
     return states
@@ -196,18 +211,27 @@ def train_loop(
     own seeded generator (the loop itself draws no random numbers, so a seeded caller is
     deterministic). ``progress``: a tqdm bar (True, or a string used as its label).
     Returns the mean loss of each epoch.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) this is data-parallel (PyTorch DDP): every rank
+    draws the same batches (same seed), takes every ``world_size``-th one (rank r the r-th of
+    each group of ``world_size`` consecutive batches; a last short group is padded by
+    repetition, as ``DistributedSampler`` pads), and gradients are averaged across ranks, so
+    the ranks hold identical weights after every step. A step then sees ``world_size``
+    batches; the learning rate is not rescaled. The history is the mean over ranks.
     """
     from tqdm.auto import tqdm
 
     opt = make_optimizer(model.parameters(), optimizer, lr, weight_decay)
     model.train()
+    step = _ddp_step(model, loss_fn)
     history: list[float] = []
     desc = progress if isinstance(progress, str) else "train"
-    bar = tqdm(range(int(epochs)), desc=desc, disable=not progress, leave=False)
+    bar = tqdm(range(int(epochs)), desc=desc, disable=not progress or not is_main_process(),
+               leave=False)
     for epoch in bar:
         total, n = None, 0
-        for batch in batches_fn(epoch):
-            loss = loss_fn(model, batch)
+        for batch in _rank_batches(batches_fn(epoch)):
+            loss = step(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -215,7 +239,7 @@ def train_loop(
             total = d if total is None else total + d
             n += 1
         # one host sync per epoch, not per step
-        history.append(float(total) / n if n else float("nan"))
+        history.append(_mean_over_ranks(total, n))
         if progress:
             bar.set_postfix(loss=f"{history[-1]:.4g}", refresh=False)
     model.eval()
@@ -254,3 +278,125 @@ def load_members(states, build, device) -> list:
         m.load_state_dict(st)
         models.append(m.to(device).eval())
     return models
+
+
+# -- data-parallel training under torchrun (PyTorch DDP) ---------------------------------------
+def distributed_env() -> tuple[int, int, int] | None:
+    """``(rank, world_size, local_rank)`` when launched by ``torchrun`` with more than one
+    process (``WORLD_SIZE`` > 1), else None (single-process training, the default)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return None
+    if world <= 1 or "RANK" not in os.environ:
+        return None
+    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_distributed() -> bool:
+    """Initialise the default process group once when under torchrun (gloo for CPU
+    tensors, nccl for CUDA tensors when a GPU is present; rendezvous from torchrun's
+    ``MASTER_ADDR``/``MASTER_PORT``); True when training is distributed."""
+    env = distributed_env()
+    if env is None:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed: "
+                           "run without torchrun or install a build with distributed support")
+    if not dist.is_initialized():
+        backend = "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(env[2])
+            backend = "cpu:gloo,cuda:nccl"  # collectives on CPU and GPU tensors
+        dist.init_process_group(backend=backend, rank=env[0], world_size=env[1])
+    return True
+
+
+def is_main_process() -> bool:
+    """True on rank 0 and in single-process runs: the one process that writes files."""
+    env = distributed_env()
+    return env is None or env[0] == 0
+
+
+def all_agree(flag: bool) -> bool:
+    """``flag`` on every rank (logical AND over ranks; the flag itself when not
+    distributed). Used where ranks must take the same branch, e.g. reuse a checkpoint."""
+    if not init_distributed():
+        return bool(flag)
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Rank 0 runs the block first (e.g. computes a cached result), then the other ranks
+    (which find it in the cache); a no-op when not distributed."""
+    if not init_distributed():
+        yield
+        return
+    import torch.distributed as dist
+
+    if not is_main_process():
+        dist.barrier()
+    yield
+    if is_main_process():
+        dist.barrier()
+
+
+def _ddp_step(model, loss_fn) -> Callable[[Any], Any]:
+    """``batch -> loss``: ``loss_fn(model, batch)``, through DistributedDataParallel when
+    distributed. The whole loss runs inside DDP's forward (a wrapper module), so loss
+    functions may call any submodule or method of ``model`` and DDP still sees every use."""
+    if not init_distributed():
+        return lambda batch: loss_fn(model, batch)
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    class _Loss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, batch):
+            return loss_fn(self.model, batch)
+
+    dev = next(model.parameters()).device
+    ddp = DistributedDataParallel(
+        _Loss(), device_ids=[dev.index] if dev.type == "cuda" else None,
+        find_unused_parameters=True,  # methods may skip branches (e.g. optional inputs)
+    )
+    return ddp
+
+
+def _rank_batches(batches: Iterable[Any]) -> Iterable[Any]:
+    """This rank's share of ``batches`` (all of them when not distributed)."""
+    env = distributed_env()
+    if env is None:
+        yield from batches
+        return
+    rank, world, _ = env
+    group: list = []
+    for b in batches:
+        group.append(b)
+        if len(group) == world:
+            yield group[rank]
+            group = []
+    if group:  # pad the last short group by repetition: every rank takes as many steps
+        yield group[rank % len(group)]
+
+
+def _mean_over_ranks(total, n: int) -> float:
+    if distributed_env() is None or total is None:
+        return float(total) / n if n else float("nan")
+    import torch.distributed as dist
+
+    t = (total / n).detach().reshape(1).float()
+    dist.all_reduce(t)
+    return float(t) / distributed_env()[1]

@@ -42,6 +42,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -122,6 +123,8 @@ def _encoder_info(name: str, kwargs: dict) -> dict:
         "base_halo_sp": int(enc.base_halo_sp) if two else None,
         "white": _white_base(enc) if two else None,
         "feature_names": list(getattr(enc, "feature_names", [])),
+        # torch's CPU results depend on its thread count: tasks then use the caller's
+        "uses_torch": "torch" in sys.modules,
     }
 
 
@@ -181,14 +184,17 @@ def _check_params(enc, expected: dict) -> None:
 
 
 def _task_pass1(name, kwargs, params, image, um, work, b, tile_sp, H, W, cols, width, hb,
-                white, two_stage) -> int:
+                white, two_stage, threads) -> int:
     """Dask task: pass 1 of band ``b`` written into ``work`` (its own chunk row)."""
     import zarr
+
+    from ..cluster import torch_threads
 
     enc = _worker_encoder(name, kwargs)
     _check_params(enc, params)
     r0, r1 = _band_rows(b, tile_sp, H)
-    band = _pass1_band(enc, image, um, r0, r1, cols, W, width, hb, white, two_stage)
+    with torch_threads(threads):
+        band = _pass1_band(enc, image, um, r0, r1, cols, W, width, hb, white, two_stage)
     target = zarr.open_group(str(work), mode="r+")["base" if two_stage else "features"]
     target[r0:r1] = band.astype(target.dtype)
     (Path(work) / "_done" / f"p1_{b}").touch()
@@ -240,10 +246,7 @@ def compute(
     :mod:`histosr.cluster`); the encoder must then be given by name. The result does not
     depend on it. See the module docstring for where the output goes, caching and resuming.
     """
-    import zarr
-    from tqdm.auto import tqdm
-
-    from ..tissue import mean_rgb_sp, tissue_mask
+    import contextlib
 
     tile_sp = int(tile_sp)
     if tile_sp < 1:
@@ -254,15 +257,13 @@ def compute(
             "its parameters as keyword arguments, so that each Dask worker builds its own; "
             f"got an encoder object {type(encoder).__name__}"
         )
-    client_cm = None
-    if scheduler is not None:
-        from ..cluster import dask_client
-
-        client_cm = dask_client(scheduler)
-        client = client_cm.__enter__()
-    try:
+    with contextlib.ExitStack() as stack:
+        client = None
         if scheduler is not None:
-            enc = None
+            from ..cluster import dask_client
+
+            client = stack.enter_context(dask_client(scheduler))
+            enc = None  # built on the workers only
             info = client.submit(_encoder_info, encoder, dict(encoder_kwargs),
                                  pure=False).result()
         else:
@@ -270,11 +271,7 @@ def compute(
                 else encoder
             info = _local_info(enc, encoder)
         return _compute(section, enc, info, encoder, encoder_kwargs, out, cache_dir, tile_sp,
-                        progress, mask, tissue_only, n_jobs,
-                        client if scheduler is not None else None)
-    finally:
-        if client_cm is not None:
-            client_cm.__exit__(None, None, None)
+                        progress, mask, tissue_only, n_jobs, client)
 
 
 def _compute(section, enc, info, enc_spec, enc_kwargs, out, cache_dir, tile_sp, progress,
@@ -373,7 +370,7 @@ def _compute(section, enc, info, enc_spec, enc_kwargs, out, cache_dir, tile_sp, 
     if client is not None:
         _run_dask(client, bar, progress, enc_spec, enc_kwargs, params, image, um, work,
                   todo, tile_sp, H, W, width, hb, white, two_stage, ctx, n_bands,
-                  band_cols, band_skip, band_done)
+                  band_cols, band_skip, band_done, info.get("uses_torch", False))
     else:
         n_jobs = n_jobs or min(2, os.cpu_count() or 1)
         pool = ThreadPoolExecutor(n_jobs) if n_jobs > 1 else None
@@ -413,16 +410,19 @@ def _compute(section, enc, info, enc_spec, enc_kwargs, out, cache_dir, tile_sp, 
 
 def _run_dask(client, bar, progress, name, kwargs, params, image, um, work, todo, tile_sp,
               H, W, width, hb, white, two_stage, ctx, n_bands, band_cols, band_skip,
-              band_done) -> None:
+              band_done, uses_torch) -> None:
     """Both passes as Dask tasks, one band per task; pass 2 after all of pass 1."""
     from distributed import as_completed
     from tqdm.auto import tqdm
 
+    from ..cluster import caller_torch_threads
+
     kwargs = dict(kwargs)
+    threads = caller_torch_threads() if uses_torch else None
     [image_f] = client.scatter([image], broadcast=True) if _is_in_memory(image) else [image]
     futs = [client.submit(_task_pass1, name, kwargs, params, image_f, um, str(work), b,
                           tile_sp, H, W, band_cols(b), width, hb, white, two_stage,
-                          key=f"histosr-p1-{work.name}-{b}-{os.getpid()}", pure=False)
+                          threads, pure=False)
             for b in todo]
     for f in as_completed(futs):
         bar.update(f.result())
