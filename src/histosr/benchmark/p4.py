@@ -162,7 +162,8 @@ def p4(method, sections=None, encoder: str = "handcrafted", epochs=None, n_state
 
     ``sections``: names ``synthetic<k>`` / integer seeds, or Sections with a truth;
     default ``n_sections`` synthetic sections with seeds ``seed, seed + 1, ...``.
-    ``data`` is accepted for a uniform signature and unused (the sections are simulated).
+    ``data``: a folder written by ``histosr simulate`` (or one holding several such folders;
+    ``sections`` then picks folder names): its simulated sections are scored instead.
     """
     t = Timer().__enter__()
     make, params, mname = method_factory(method, epochs=epochs, n_states=n_states, seed=seed,
@@ -170,6 +171,10 @@ def p4(method, sections=None, encoder: str = "handcrafted", epochs=None, n_state
     params = {**params, "seed": int(seed), "scoring": SCORING}
     if cache_dir is None and out is not None:
         cache_dir = Path(out) / "cache"
+    if data is not None:  # folders written by `histosr simulate` (truth.zarr + section.json)
+        from ..truth import simulated_sections
+
+        sections = simulated_sections(data, names=sections)
     if sections is None:
         sections = [f"synthetic{seed + i}" for i in range(n_sections)]
     def score_one(s):

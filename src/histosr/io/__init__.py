@@ -15,22 +15,51 @@ from pathlib import Path
 from ..section import Section, SectionError
 from ._common import MissingFileError
 from .h5ad import read_h5ad
+from .hest import read_hest
 from .istar import read_istar, write_istar
 from .st import read_her2st, read_st
 from .visium import read_visium, read_visium_hd
+from .xenium import read_xenium
 
 __all__ = [
     "MissingFileError",
     "detect_platform",
     "read",
     "read_h5ad",
+    "read_hest",
     "read_her2st",
     "read_istar",
     "read_st",
     "read_visium",
     "read_visium_hd",
+    "read_xenium",
+    "read_spatialdata",
+    "read_simulated",
     "write_istar",
+    "write_spatialdata",
 ]
+
+
+def read_spatialdata(path, *args, **kw) -> Section:
+    """A SpatialData zarr store as a Section (see :mod:`histosr.io.spatialdata`; needs the
+    optional ``spatialdata`` package, imported only here because it is slow to import)."""
+    from .spatialdata import read_spatialdata as _read
+
+    return _read(path, *args, **kw)
+
+
+def write_spatialdata(path, section, prediction=None, **kw):
+    """Write a SpatialData zarr store (see :func:`histosr.io.spatialdata.write_spatialdata`)."""
+    from .spatialdata import write_spatialdata as _write
+
+    return _write(path, section, prediction, **kw)
+
+
+def read_simulated(path, **kw) -> Section:
+    """A simulated section with its 8 um truth (see :func:`histosr.truth.read_simulated`)."""
+    from ..truth import read_simulated as _read
+
+    return _read(path, **kw)
 
 READERS = {
     "her2st": read_her2st,
@@ -39,6 +68,10 @@ READERS = {
     "visium_hd": read_visium_hd,
     "istar": read_istar,
     "h5ad": read_h5ad,
+    "xenium": read_xenium,
+    "hest": read_hest,
+    "spatialdata": read_spatialdata,
+    "simulated": read_simulated,
 }
 
 
@@ -47,6 +80,19 @@ def _has_hd_bins(p: Path) -> bool:
         if any((b / "spatial").is_dir() for b in base.glob("square_*um")):
             return True
     return False
+
+
+def _is_spatialdata(p: Path) -> bool:
+    has_meta = (p / "zarr.json").is_file() or (p / ".zgroup").is_file()
+    return has_meta and any((p / d).is_dir() for d in ("images", "tables", "shapes"))
+
+
+def _is_flat_hest(p: Path) -> bool:
+    """One ``<id>.h5ad`` with ``<id>.json`` and an ``<id>`` image beside it."""
+    h5 = list(p.glob("*.h5ad"))
+    if len(h5) != 1 or not (p / f"{h5[0].stem}.json").is_file():
+        return False
+    return any((p / f"{h5[0].stem}{s}").is_file() for s in (".tif", ".tiff", ".jpg", ".png"))
 
 
 def detect_platform(path) -> str:
@@ -66,6 +112,14 @@ def detect_platform(path) -> str:
         raise MissingFileError(f"input not found: {p}")
     if all((p / d).is_dir() for d in ("counts", "spots", "images")):
         return "her2st"
+    if _is_spatialdata(p):
+        return "spatialdata"
+    if (p / "experiment.xenium").is_file() or (p / "outs" / "experiment.xenium").is_file():
+        return "xenium"
+    if ((p / "st").is_dir() and (p / "wsis").is_dir()) or _is_flat_hest(p):
+        return "hest"
+    if (p / "truth.zarr").is_dir() and (p / "section.json").is_file():
+        return "simulated"
     if (p / "cnts.tsv").is_file() and (p / "locs-raw.tsv").is_file():
         return "istar"
     if (p / "counts.tsv").is_file() and (p / "spots.tsv").is_file():
@@ -80,7 +134,8 @@ def detect_platform(path) -> str:
             return "visium"
     raise SectionError(
         f"cannot tell the layout of {p}: expected one of a Space Ranger outs folder "
-        "(spatial/tissue_positions*.csv), a Visium HD bin folder (spatial/"
+        "(spatial/tissue_positions*.csv), a Xenium output folder (experiment.xenium), a HEST "
+        "sample (st/ wsis/ metadata/), a SpatialData zarr store, a Visium HD bin folder (spatial/"
         "tissue_positions.parquet), an ST folder (counts.tsv + spots.tsv), a her2st root "
         "(counts/ spots/ images/), an iStar folder (cnts.tsv + locs-raw.tsv) or an .h5ad "
         f"file. Pass platform= one of {sorted(READERS)} to choose the reader."
