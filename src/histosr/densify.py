@@ -44,7 +44,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
-__all__ = ["Lattice", "infer_lattice", "hr_pseudospots", "hr_from_values"]
+__all__ = ["Lattice", "infer_lattice", "hr_pseudospots", "hr_from_values",
+           "generation_positions", "GENERATION_OFFSETS"]
 
 
 @dataclass(frozen=True)
@@ -267,3 +268,57 @@ def hr_pseudospots(section, genes: list[str] | None = None, min_neighbours: int 
     out.uns["densify"] = {**info["lattice"].as_dict(), "section": section.name,
                           "min_neighbours": int(min_neighbours)}
     return out
+
+
+# -- generation positions of HisHRST (4x) and TriHRGE (8x) ----------------------------------
+# Offsets in lattice-index units (a = column index, b = row index) for a checkerboard lattice
+# whose dense axis is a (Visium: row neighbours at a +- 2), i.e. the released array-coordinate
+# offsets (METHODS 4.2, 5.1), and their square-lattice analogues (half steps).
+GENERATION_OFFSETS = {
+    ("checkerboard", 4): ((1, 0), (0.5, 0.5), (-0.5, 0.5)),
+    ("checkerboard", 8): ((1, 0), (0.5, 0.5), (-0.5, 0.5), (0.5, -0.5), (-0.5, -0.5), (-1, 0),
+                          (0, 1)),
+    ("square", 4): ((0.5, 0), (0, 0.5), (0.5, 0.5)),
+    ("square", 8): ((0.5, 0), (-0.5, 0), (0, 0.5), (0, -0.5), (0.5, 0.5), (-0.5, 0.5),
+                    (0.5, -0.5), (-0.5, -0.5)),
+}
+
+
+def generation_positions(lat: Lattice, ab: np.ndarray, factor: int = 4):
+    """Positions of the densified grid of HisHRST (``factor=4``) / TriHRGE (``factor=8``).
+
+    Every measured site ``ab`` (n, 2 integer lattice indices) plus its offset copies
+    (:data:`GENERATION_OFFSETS`; on a checkerboard lattice whose dense axis is b the
+    offsets are transposed), without duplicates. Returns ``(q, measured)``: ``q`` (m, 2)
+    integer DOUBLED lattice indices (position = ``lat.xy(q / 2)``, half steps exact) and
+    whether each is a measured site; measured sites first, in the order of ``ab``.
+
+    Where histosr deliberately differs from the released code: offsets are in lattice units
+    derived from the measured lattice (the released 68/34/60/120 px are DLPFC-pitch
+    specific), and duplicates are removed. On a full lattice the released 8x set then has
+    the same interior density as the 4x set (4 positions per site: every offset is an edge
+    midpoint shared by two sites, or a site); it differs at the tissue edge, where it pads
+    half a step on every side (the 4x set only towards +a / +b).
+    """
+    if factor not in (4, 8):
+        raise ValueError(f"generation factor must be 4 or 8, got {factor}")
+    ab = np.asarray(ab, dtype=np.int64).reshape(-1, 2)
+    kind = "checkerboard" if lat.checkerboard else "square"
+    off = np.asarray(GENERATION_OFFSETS[(kind, factor)], dtype=np.float64)
+    if lat.checkerboard:
+        a, b = np.asarray(lat.step_a), np.asarray(lat.step_b)
+        if np.linalg.norm(2 * b) < np.linalg.norm(2 * a):  # dense axis is b: transpose
+            off = off[:, ::-1]
+    first = np.unique(2 * ab, axis=0, return_index=True)[1]
+    sites = (2 * ab)[np.sort(first)]
+    cand = (sites[:, None, :] + np.round(2 * off).astype(np.int64)[None]).reshape(-1, 2)
+    have = {tuple(s) for s in sites}
+    extra, seen = [], set()
+    for c in map(tuple, cand):
+        if c not in have and c not in seen:
+            seen.add(c)
+            extra.append(c)
+    extra = np.asarray(extra, dtype=np.int64).reshape(-1, 2)
+    q = np.concatenate([sites, extra])
+    measured = np.concatenate([np.ones(len(sites), bool), np.zeros(len(extra), bool)])
+    return q, measured

@@ -1,0 +1,178 @@
+"""P1 - spot hold-out ("recovery", HisHRST/TriHRGE; BENCHMARKS.md).
+
+Per her2st section: the spot ids, sorted as strings, are permuted by
+``numpy.random.default_rng(0)``; the first ``n // 2`` of the permutation are held out
+(:func:`split`). The method is fitted on the other half (their expression + the whole H&E),
+with the ``hvg1000`` genes chosen on ALL the section's own spots (BENCHMARKS: "the scored
+section's own spots"); it predicts the held-out spot centres and only those are scored.
+
+* Spot methods (``kind == "spot"``: hishrst, trihrge, ridge, ...) predict log1p CP10k
+  directly (their targets use each spot's full library), which is the truth's scale.
+* Super-resolution / superpixel methods (``knn``, ``nearest``, ``istar``, ...) are fitted on
+  the training half with their FeatureMap and predict counts summed over each held-out
+  spot's disk. They are put on the log1p CP10k scale with the library the prediction
+  itself implies (``library="predicted"``, the default, as P2): L_i = sum over the scored
+  genes of the predicted counts / phi, phi = the share of the scored genes in the measured
+  counts of the training spots (known to the method). ``library="measured"`` divides by
+  the held-out spot's measured library instead (hands the method the truth's library).
+
+Scores per section: ``top50_pcc`` (mean per-gene Pearson r over the held-out spots),
+``top50_pcc_median``, ``hvg1000_pcc``, ``mae`` (log1p scale, top50 genes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from .. import metrics
+from .common import Timer, log, method_factory, score_sections, section_features
+from .p2 import read_section
+
+PROTOCOL = "p1"
+SPLIT_SEED = 0
+SCORING = {
+    "scale": "log1p CP10k; truth library = measured total over all genes",
+    "split": "ids sorted as strings, numpy.random.default_rng(0).permutation; first n // 2 "
+             "held out, the rest fitted",
+    "genes": "hvg1000/top50 chosen on all spots of the scored section",
+    "scored": "held-out spots only",
+    "mae": "log1p scale, top50 genes",
+}
+
+
+def split(ids, seed: int = SPLIT_SEED) -> tuple[list[str], list[str]]:
+    """``(train_ids, held_out_ids)``: ids sorted as strings, permuted by
+    ``default_rng(seed)``; the first ``n // 2`` of the permutation are held out. Both lists
+    are returned in sorted order."""
+    ids = sorted(str(i) for i in ids)
+    perm = np.random.default_rng(seed).permutation(len(ids))
+    n_hold = len(ids) // 2
+    held = sorted(ids[i] for i in perm[:n_hold])
+    hs = set(held)
+    return [i for i in ids if i not in hs], held
+
+
+def subset(section, ids: list[str], suffix: str = "_train"):
+    """The section restricted to the spots ``ids`` (same image), in the section's order."""
+    names = np.asarray(section.counts.obs_names).astype(str)
+    keep = np.flatnonzero(np.isin(names, list(ids)))
+    fps = None if section.footprints is None else [section.footprints[i] for i in keep]
+    ann = None if section.annotations is None else section.annotations.iloc[keep]
+    return dataclasses.replace(section, name=f"{section.name}{suffix}",
+                               counts=section.counts[keep].copy(), footprints=fps,
+                               annotations=ann)
+
+
+def _dense(X) -> np.ndarray:
+    return np.asarray(X.toarray() if hasattr(X, "toarray") else X, dtype=np.float64)
+
+
+def predict_held_out(method, train_sec, held_xy: np.ndarray, genes: list[str], encoder: str,
+                     cache_dir, progress: bool, diameter_um: float,
+                     library: str = "predicted") -> np.ndarray:
+    """Fit ``method`` on ``train_sec`` and return log1p CP10k predictions (held-out x genes,
+    in ``genes`` order)."""
+    if getattr(method, "kind", "superpixel") == "spot":
+        if cache_dir is not None and getattr(method, "cache_dir", None) is None:
+            method.cache_dir = str(cache_dir)
+        method.fit([train_sec], genes=genes)
+        pred = method.predict(train_sec, at=held_xy)
+        X = _dense(pred.X)[:, pred.var_names.get_indexer(genes)]
+        return X
+    fm = section_features(train_sec, method, encoder, cache_dir, progress)
+    method.fit([train_sec], [fm], genes=genes)
+    pred = method.predict(train_sec, fm, at=held_xy, diameter_um=diameter_um)
+    C = np.clip(_dense(pred.X)[:, pred.var_names.get_indexer(genes)], 0, None)
+    if library == "predicted":
+        tot = float(np.asarray(train_sec.counts.X.sum()))
+        sel = float(np.asarray(train_sec.counts[:, genes].X.sum()))
+        phi = sel / tot if tot > 0 else 1.0
+        lib = C.sum(axis=1) / max(phi, 1e-12)
+    else:
+        lib = None  # filled by the caller with the measured library
+    return C if lib is None else metrics.log_cp10k(C, lib)
+
+
+def score_held_out(pred: np.ndarray, truth: np.ndarray, n_top: int = 50) -> dict:
+    """P1 scores of log1p CP10k predictions against the truth (both held-out x genes, genes
+    ranked so that top50 = the first 50)."""
+    r = metrics.pcc_per_gene(pred, truth)
+    top = slice(0, min(n_top, truth.shape[1]))
+    return {
+        "top50_pcc": float(np.mean(r[top])),
+        "top50_pcc_median": float(np.median(r[top])),
+        "hvg1000_pcc": float(np.mean(r)),
+        "mae": metrics.mae(pred[:, top], truth[:, top]),
+    }
+
+
+def run_section(native, make_method, encoder: str, cache_dir: Path | None,
+                progress: bool = True, library: str = "predicted") -> dict:
+    """Score one section (already read) under P1."""
+    t = Timer().__enter__()
+    train_ids, held = split(native.counts.obs_names)
+    genes = metrics.select_genes(native.counts.X, native.genes, 1000)
+    if len(genes) < 2:
+        raise ValueError(f"section {native.name!r}: fewer than 2 genes pass the 10% filter")
+    train_sec = subset(native, train_ids)
+    test = subset(native, held, "_held_out")
+    method = make_method()
+    log(progress, f"{native.name}: fit {method.name} on {train_sec.n_spots} spots, predict "
+                  f"{test.n_spots} held-out spots, {len(genes)} genes")
+    pred = predict_held_out(method, train_sec, test.xy, genes, encoder, cache_dir, progress,
+                            native.spot_diameter_um, library)
+    lib = np.asarray(test.counts.X.sum(axis=1), dtype=np.float64).ravel()
+    truth = metrics.log_cp10k(test.dense_counts(genes), lib)
+    if getattr(method, "kind", "superpixel") != "spot" and library == "measured":
+        pred = metrics.log_cp10k(pred, lib)
+    scores = score_held_out(pred, truth)
+    scores.update({"n_spots": int(test.n_spots), "n_train_spots": int(train_sec.n_spots),
+                   "n_genes": int(len(genes)), "seconds": round(t.elapsed, 1)})
+    return scores
+
+
+def p1(method, sections=None, encoder: str = "handcrafted", data=None, epochs=None,
+       n_states=None, seed: int = 0, consistency=None, out=None, cache_dir=None,
+       progress: bool = True, library: str = "predicted") -> dict:
+    """Run P1 on her2st ``sections`` (names, default C2..C6, or Section objects) and return
+    the results dict; with ``out`` also write ``out/results.json`` after every section.
+    ``consistency`` applies to super-resolution methods only (spot methods predict whole
+    spots: recorded as False for them)."""
+    from ..datasets import HER2ST_SECTIONS
+    from ..methods.base import _REGISTRY, available_methods
+
+    if library not in ("predicted", "measured"):
+        raise ValueError(f"library must be 'predicted' or 'measured', got {library!r}")
+    t = Timer().__enter__()
+    if isinstance(method, str):
+        available_methods()
+        cls = _REGISTRY.get(method)
+    else:
+        cls = type(method)
+    if cls is not None and getattr(cls, "kind", "superpixel") == "spot":
+        consistency = False  # does not apply: spot methods predict whole spots
+    make, params, mname = method_factory(method, epochs=epochs, n_states=n_states, seed=seed,
+                                         progress=progress, consistency=consistency)
+    spot = cls is not None and getattr(cls, "kind", "superpixel") == "spot"
+    params = {**params, "seed": int(seed), "scoring": {
+        **SCORING, "prediction": "log1p CP10k from the method (spot method)" if spot else (
+            "counts over the held-out spot's disk; library = "
+            + ("sum of predicted scored-gene counts / scored-gene share of the training spots"
+               if library == "predicted" else "measured held-out library (all genes)"))}}
+    if cache_dir is None and out is not None:
+        cache_dir = Path(out) / "cache"
+    sections = list(sections or HER2ST_SECTIONS)
+
+    def score_one(s):
+        native = read_section(data, s) if isinstance(s, str) else s
+        log(progress, f"{native.name}: {native.n_spots} spots")
+        return native.name, run_section(native, make, encoder, cache_dir, progress, library)
+
+    return score_sections(PROTOCOL, sections, score_one, method_name=mname, encoder=encoder,
+                          params=params, timer=t, out=out, progress=progress)
+
+
+__all__ = ["p1", "split", "subset", "score_held_out", "run_section", "SCORING"]
