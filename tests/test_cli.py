@@ -4,6 +4,7 @@ import json
 
 import anndata as ad
 import numpy as np
+import pytest
 
 from histosr.cli import main
 
@@ -42,3 +43,12 @@ def test_benchmark_p4_cli_writes_results(tmp_path, capsys):
     assert res["protocol"] == "p4" and res["method"] == "knn"
     m = res["mean"]
     assert m["pcc"] > m["shuffled_pcc"] + 0.2 and m["ssim"] > m["shuffled_ssim"]
+
+
+def test_set_values_keep_words_as_strings():
+    from histosr.cli import _key_values
+
+    assert _key_values(["context=off", "epochs=10", "rgb-pos=false", "hidden=[8,4]"]) == {
+        "context": "off", "epochs": 10, "rgb_pos": False, "hidden": [8, 4]}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        _key_values(["context"])
