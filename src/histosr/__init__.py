@@ -20,10 +20,18 @@ from .section import Section, SectionError  # noqa: E402
 
 def __getattr__(name):
     # readers (histosr.read_visium, ...) import lazily so `import histosr` stays fast
-    if name.startswith("read") or name == "write_istar":
+    if name.startswith("read") or name in ("write_istar", "write_spatialdata"):
         from . import io
 
         return getattr(io, name)
+    if name == "aggregate_cells":  # per-cell sums of a super-resolved prediction
+        from .cells import aggregate_cells
+
+        return aggregate_cells
+    if name == "simulate_from":  # pseudo-Visium + 8 um truth from Visium HD / Xenium
+        from .truth import simulate_from
+
+        return simulate_from
     if name in ("features", "tl"):
         import importlib
 

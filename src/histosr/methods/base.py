@@ -57,7 +57,9 @@ def get_method(name: str, **params) -> Method:
 
 
 def _load_builtin() -> None:
-    from . import baselines, histex, istar  # noqa: F401 - register built-in methods
+    # register built-in methods; hespotex, ridge: H&E-only spot methods (P3); hishrst,
+    # trihrge: spot recovery / densification
+    from . import baselines, hespotex, hishrst, histex, istar, ridge, trihrge  # noqa: F401
 
 
 @dataclass

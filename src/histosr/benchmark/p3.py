@@ -1,0 +1,237 @@
+"""P3 - H&E only, leave one section out (BENCHMARKS.md; HESpotEx's protocol).
+
+For each scored section (default her2st C2..C6): fit the method on the OTHER sections'
+measured spots, predict the held-out section from its H&E alone and score its spots.
+
+* Image only: the method predicts an :func:`image_only_view` of the held-out section (the
+  image, the pixel size, the spot positions and ids; a counts table with NO genes), so no
+  method can read the held-out counts, even by accident.
+* Genes: ``hvg1000`` and ``top50`` (its first 50) by the HEST rule on the pooled TRAINING
+  spots (count > 0 in >= 10% of them; variance of log1p CP10k with each spot's full
+  library), restricted to genes measured in every training section. A chosen gene that the
+  held-out section did not measure counts as zero there (it then scores r = 0).
+* Scores (per held-out section): per-gene Pearson r across its spots between the
+  prediction (log1p CP10k, the spot methods' output) and log1p CP10k of its measured counts
+  (library = each spot's total over all its genes): ``top50_pcc`` (mean), ``top50_pcc_median``,
+  ``hvg1000_pcc``, ``mae`` (log1p scale, top50).
+* ``--method knn`` means kNN in image-feature space (``knn_features``): the spatial ``knn``
+  baseline interpolates measured spots of the predicted section and has none here. The
+  mapping is recorded in ``params["method_mapped_from"]``. ``consistency`` does not apply
+  (spot methods; recorded as ``"consistency": false``).
+* Folds are independent: ``scheduler=None`` runs them one after the other; ``"local"``
+  starts a Dask ``distributed.LocalCluster``; an address (``"tcp://host:8786"``) or a
+  ``distributed.Client`` uses that cluster. Every fold builds a fresh method with the same
+  ``seed`` and seeds its own generators when it starts, so the numbers do not depend on the
+  execution order or on which worker ran the fold (tests check serial == Dask).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from .. import metrics
+from ..image_only import image_only_view
+from .common import Timer, log, method_factory, peak_rss_mb
+
+PROTOCOL = "p3"
+SCORING = {
+    "scale": "log1p CP10k; truth library = measured total over all genes of the spot",
+    "genes": "hvg1000/top50 by the HEST rule on the pooled spots of the TRAINING sections",
+    "mae": "log1p scale, top50 genes",
+    "input": "the held-out section's H&E, pixel size and spot positions only",
+}
+#: P3 names whose registered meaning cannot predict an unmeasured section
+METHOD_MAP = {"knn": "knn_features"}
+
+
+def select_genes_pooled(sections, n: int, min_frac: float = 0.10) -> list[str]:
+    """The HEST gene rule over the pooled spots of ``sections`` (genes measured in all of
+    them): detected (count > 0) in >= ``min_frac`` of the pooled spots, then the ``n`` with
+    the highest variance of log1p CP10k (each spot's library = its total over ALL its
+    genes). Ties keep the first section's gene order."""
+    common = set(sections[0].genes)
+    for s in sections[1:]:
+        common &= set(s.genes)
+    genes = [g for g in sections[0].genes if g in common]
+    if not genes:
+        raise ValueError("the training sections share no gene")
+    vals, det = [], []
+    for s in sections:
+        lib = np.asarray(s.counts.X.sum(axis=1), dtype=np.float64).ravel()
+        c = s.dense_counts(genes)
+        det.append(c > 0)
+        vals.append(metrics.log_cp10k(c, lib))
+    frac = np.concatenate(det).mean(axis=0)
+    keep = np.flatnonzero(frac >= min_frac)
+    var = np.concatenate(vals)[:, keep].var(axis=0)
+    order = np.argsort(-var, kind="stable")[:n]
+    return [genes[keep[i]] for i in order]
+
+
+def truth_matrix(section, genes: list[str]) -> np.ndarray:
+    """log1p CP10k of ``genes`` (zeros for genes the section did not measure)."""
+    lib = np.asarray(section.counts.X.sum(axis=1), dtype=np.float64).ravel()
+    have = [g for g in genes if g in section.counts.var_names]
+    out = np.zeros((section.n_spots, len(genes)))
+    if have:
+        idx = [genes.index(g) for g in have]
+        out[:, idx] = metrics.log_cp10k(section.dense_counts(have), lib)
+    return out
+
+
+def score_section(pred: np.ndarray, section, genes: list[str], n_top: int = 50) -> dict:
+    """P3 scores of ``pred`` (spots x ``genes``, log1p CP10k, the section's spot order)."""
+    truth = truth_matrix(section, genes)
+    r = metrics.pcc_per_gene(pred, truth)
+    top = slice(0, min(n_top, len(genes)))
+    return {"top50_pcc": float(np.mean(r[top])), "top50_pcc_median": float(np.median(r[top])),
+            "hvg1000_pcc": float(np.mean(r)),
+            "mae": metrics.mae(np.asarray(pred)[:, top], truth[:, top]),
+            "n_spots": int(section.n_spots), "n_genes": int(len(genes)),
+            "n_genes_unmeasured": int(sum(g not in section.counts.var_names for g in genes))}
+
+
+def _load(spec, data):
+    if isinstance(spec, str):
+        from .p2 import read_section
+
+        return read_section(data, spec)
+    return spec
+
+
+def run_fold(test, train, method, data=None, n_genes: int = 1000, progress: bool = False) -> dict:
+    """One P3 fold: fit a fresh copy of ``method`` (an unfitted template) on ``train``
+    (names or Sections), predict the image-only view of ``test``, score it. Returns
+    ``{"name", "scores", "fit_info"}``. Self-contained (a Dask task)."""
+    t = Timer().__enter__()
+    test_sec = _load(test, data)
+    train_secs = [_load(s, data) for s in train]
+    genes = select_genes_pooled(train_secs, n_genes)
+    if len(genes) < 2:
+        raise ValueError(f"fold {test_sec.name}: fewer than 2 genes pass the 10% filter")
+    m = dataclasses.replace(method)
+    log(progress, f"{test_sec.name}: fit {m.name} on {', '.join(s.name for s in train_secs)} "
+                  f"({sum(s.n_spots for s in train_secs)} spots, {len(genes)} genes)")
+    m.fit(train_secs, genes=genes)
+    pred = m.predict(image_only_view(test_sec), at="spots")
+    X = pred.X.toarray() if hasattr(pred.X, "toarray") else np.asarray(pred.X)
+    X = X[:, [list(pred.var_names).index(g) for g in genes]]
+    scores = score_section(X, test_sec, genes)
+    scores["seconds"] = round(t.elapsed, 1)
+    info = getattr(m, "fit_info_", None)
+    return {"name": test_sec.name, "scores": scores, "fit_info": info}
+
+
+def _client(scheduler, n_workers: int):
+    """(client, owned) for a scheduler spec: ``"local"``, an address or a Client."""
+    from distributed import Client, LocalCluster
+
+    if isinstance(scheduler, Client):
+        return scheduler, False
+    if scheduler == "local":
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        return Client(cluster), True
+    return Client(str(scheduler)), True
+
+
+def p3(method, sections=None, encoder: str = "handcrafted", data=None, epochs=None,
+       n_states=None, seed: int = 0, consistency=None, out=None, progress: bool = True,
+       scheduler=None, cache_dir=None, n_workers: int = 2, n_genes: int = 1000) -> dict:
+    """Run P3 over ``sections`` (her2st names, default C2..C6, or Section objects; at least
+    two) and return the results dict; with ``out`` also write ``out/results.json``.
+    ``method``: a registered name (``knn`` -> ``knn_features``) or a SpotMethod instance;
+    ``encoder`` sets its image encoder; ``scheduler``: None (serial), ``"local"``, an address
+    or a ``distributed.Client`` (``n_workers`` for ``"local"``)."""
+    from ..datasets import HER2ST_SECTIONS
+    from ..methods.spot import SpotMethod
+    from . import report
+
+    t = Timer().__enter__()
+    mapped_from = None
+    if isinstance(method, str) and method in METHOD_MAP:
+        mapped_from, method = method, METHOD_MAP[method]
+    if isinstance(method, str):
+        from .common import _method_class
+
+        cls = _method_class(method)
+        if not issubclass(cls, SpotMethod):
+            raise ValueError(f"P3 predicts unmeasured sections from H&E alone: method "
+                             f"{method!r} is not a spot-level image method (use hespotex, "
+                             "ridge, knn_features or mean)")
+        method = cls(seed=int(seed))
+    if not isinstance(method, SpotMethod):
+        raise ValueError(f"P3 needs a spot-level method, got {type(method).__name__}")
+    if cache_dir is None and out is not None and not method.cache_dir:
+        cache_dir = Path(out) / "cache"
+    method = dataclasses.replace(method, encoder=encoder,
+                                 cache_dir=str(cache_dir) if cache_dir else method.cache_dir)
+    make, params, mname = method_factory(method, epochs=epochs, n_states=n_states, seed=seed,
+                                         progress=progress and scheduler is None)
+    template = make()
+    params = {**params, "consistency": False, "seed": int(seed), "scoring": SCORING,
+              "scheduler": None if scheduler is None else str(
+                  "local" if scheduler == "local" else type(scheduler).__name__
+                  if not isinstance(scheduler, str) else scheduler)}
+    if consistency:
+        params["consistency_note"] = "not applicable to spot-level prediction (ignored)"
+    if mapped_from:
+        params["method_mapped_from"] = (f"{mapped_from!r}: the spatial baseline cannot predict "
+                                        f"an unmeasured section; P3 runs {mname!r} (kNN in "
+                                        "image-feature space)")
+    specs = list(sections or HER2ST_SECTIONS)
+    if len(specs) < 2:
+        raise ValueError(f"P3 needs at least 2 sections (one held out), got {len(specs)}")
+    names = [s if isinstance(s, str) else s.name for s in specs]
+    folds = [(specs[i], [s for j, s in enumerate(specs) if j != i]) for i in range(len(specs))]
+
+    scored: dict[str, dict] = {}
+    fit_info: dict[str, object] = {}
+    res = None
+
+    def record(r):
+        nonlocal res
+        scored[r["name"]] = r["scores"]
+        if r.get("fit_info") is not None:
+            fit_info[r["name"]] = r["fit_info"]
+        log(progress, f"{r['name']}: " + ", ".join(
+            f"{k}={v:.3f}" for k, v in r["scores"].items()
+            if isinstance(v, float) and k != "seconds"))
+        ordered = {n: scored[n] for n in names if n in scored}
+        p = {**params, **({"fit_info": fit_info} if fit_info else {})}
+        res = report.results(PROTOCOL, mname, encoder, p, ordered, t.elapsed, peak_rss_mb())
+        if out is not None:
+            report.write_results(res, out)
+
+    if scheduler is None or scheduler == "serial":
+        for test, train in folds:
+            record(run_fold(test, train, template, data, n_genes, progress))
+    else:
+        from distributed import as_completed
+
+        client, owned = _client(scheduler, n_workers)
+        held, futs = [], []
+        try:
+            if not all(isinstance(s, str) for s in specs):  # Section objects: send each once
+                held = client.scatter(list(specs))
+                folds = [(held[i], [h for j, h in enumerate(held) if j != i])
+                         for i in range(len(specs))]
+            futs = [client.submit(run_fold, test, train, template, data, n_genes, False,
+                                  pure=False) for test, train in folds]
+            for f in as_completed(futs):
+                record(f.result())
+        finally:
+            client.cancel(futs + held)  # release the fold results and scattered sections
+            if owned:
+                cluster = getattr(client, "cluster", None)
+                client.close()
+                if cluster is not None:
+                    cluster.close()
+    return res
+
+
+__all__ = ["p3", "run_fold", "select_genes_pooled", "image_only_view", "score_section",
+           "METHOD_MAP"]

@@ -1,0 +1,187 @@
+"""H&E-only spot baselines: ``ridge`` (HEST protocol), ``knn_features`` and ``mean``.
+
+All three predict a spot's log1p CP10k from its image alone, so they can predict sections
+that were never sequenced (BENCHMARKS P3):
+
+* ``ridge``: the HEST-Benchmark linear probe. Spot-crop features
+  (:mod:`histosr.methods.imagefeat`; default crops of 1 and 3 spot diameters, encoder
+  ``handcrafted``), standardised (default within each section, see below), PCA to
+  ``min(256, n_training_spots - 1, n_features)`` components, then ridge regression of every
+  gene (with intercept). Deliberate differences from HEST: HEST z-scores with the training
+  statistics and uses one near-zero penalty (alpha ~ 100 / (dims x genes)), which on a few
+  hundred spots interpolates noise. Here ``alpha=None`` (default) picks the penalty from a
+  fixed grid by leave-one-TRAINING-section-out (mean per-gene Pearson r on the left-out
+  training section, PCA fitted once on all training features, which are label-free); with one
+  training section, by efficient leave-one-spot-out (generalised cross-validation). A number
+  fixes it.
+* ``knn_features``: the same features, standardisation and PCA, then the mean expression of
+  the ``k = 20`` nearest training spots in that space (Euclidean, uniform weights). k = 20 is
+  about the square root of the ~600 spots of four her2st training sections, fixed a priori;
+  uniform weights because distances between high-dimensional image features concentrate, so
+  inverse-distance weights would be nearly uniform anyway and unstable for near-duplicates.
+  (The spatial baseline ``knn`` interpolates MEASURED neighbouring spots of the same
+  section and cannot predict an unmeasured one; P3 maps ``--method knn`` to this one.)
+* ``mean``: every spot gets the training spots' mean of each gene (scores r = 0 by
+  definition; the floor of P3).
+
+``standardize="section"`` (default, as the BENCHMARKS P3 anchor row): features are z-scored
+within each section; at prediction over the points being predicted (see
+:mod:`~histosr.methods.imagefeat`). ``"global"``: training statistics (the HEST recipe).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .base import register_method
+from .imagefeat import check_standardize, spot_image_features, zscore
+from .spot import SpotMethod
+
+#: penalties tried by ``alpha=None`` (features are z-scored PCA scores; targets log1p CP10k)
+ALPHAS = tuple(float(a) for a in np.logspace(-1, 5, 13))
+
+
+@dataclass
+class ImageSpotMethod(SpotMethod):
+    """Shared feature pipeline: crops -> standardise -> PCA (``n_pcs``)."""
+
+    scales: tuple[float, ...] = (1.0, 3.0)
+    standardize: str = "section"
+    n_pcs: int = 256
+
+    def _features(self, section, xy: np.ndarray) -> np.ndarray:
+        check_standardize(self.standardize)
+        f = spot_image_features(section, xy, self.encoder, tuple(self.scales), self.cache_dir)
+        if self.standardize == "section":
+            return zscore(f)[0]
+        return f
+
+    def _fit_features(self, sections) -> list[np.ndarray]:
+        feats = [self._features(s, s.xy) for s in sections]
+        self.train_diameter_um_ = float(np.median([s.spot_diameter_um for s in sections]))
+        allf = np.concatenate(feats)
+        if self.standardize == "global":
+            _, self.fmean_, self.fstd_ = zscore(allf)
+            feats = [zscore(f, self.fmean_, self.fstd_)[0] for f in feats]
+            allf = np.concatenate(feats)
+        from sklearn.decomposition import PCA
+
+        n = int(min(self.n_pcs, max(1, allf.shape[0] - 1), allf.shape[1]))
+        self.pca_ = PCA(n_components=n, random_state=int(self.seed)).fit(allf)
+        return [self.pca_.transform(f).astype(np.float64) for f in feats]
+
+    def _transform(self, section, xy) -> np.ndarray:
+        f = self._features(section, xy)
+        if self.standardize == "global":
+            f = zscore(f, self.fmean_, self.fstd_)[0]
+        return self.pca_.transform(f).astype(np.float64)
+
+
+def _ridge_svd(X: np.ndarray, Y: np.ndarray):
+    """Centred SVD pieces of a ridge fit with intercept: (x_mean, y_mean, U, s, Vt)."""
+    xm, ym = X.mean(axis=0), Y.mean(axis=0)
+    U, s, Vt = np.linalg.svd(X - xm, full_matrices=False)
+    return xm, ym, U, s, Vt
+
+
+def _ridge_coef(U, s, Vt, Yc, alpha: float) -> np.ndarray:
+    d = s / (s**2 + alpha)
+    return Vt.T @ (d[:, None] * (U.T @ Yc))
+
+
+def _mean_pcc(pred: np.ndarray, truth: np.ndarray) -> float:
+    from ..metrics import pcc_per_gene
+
+    return float(np.mean(pcc_per_gene(pred, truth)))
+
+
+def choose_alpha(Xs: list[np.ndarray], Ys: list[np.ndarray], alphas=ALPHAS) -> float:
+    """Ridge penalty by leave-one-section-out over ``Xs``/``Ys`` (mean per-gene Pearson r on
+    the left-out section, averaged over folds); with one section, generalised CV (mean
+    squared leave-one-out error)."""
+    alphas = [float(a) for a in alphas]
+    if len(Xs) >= 2:
+        score = np.zeros(len(alphas))
+        for i in range(len(Xs)):
+            Xtr = np.concatenate([x for j, x in enumerate(Xs) if j != i])
+            Ytr = np.concatenate([y for j, y in enumerate(Ys) if j != i])
+            xm, ym, U, s, Vt = _ridge_svd(Xtr, Ytr)
+            for a, alpha in enumerate(alphas):
+                W = _ridge_coef(U, s, Vt, Ytr - ym, alpha)
+                score[a] += _mean_pcc((Xs[i] - xm) @ W + ym, Ys[i])
+        return alphas[int(np.argmax(score))]
+    X, Y = Xs[0], Ys[0]
+    xm, ym, U, s, Vt = _ridge_svd(X, Y)
+    Yc = Y - ym
+    n = len(X)
+    err = []
+    for alpha in alphas:
+        h = (U**2 * (s**2 / (s**2 + alpha))).sum(axis=1) + 1.0 / n  # hat diagonal (+ intercept)
+        W = _ridge_coef(U, s, Vt, Yc, alpha)
+        resid = Yc - (X - xm) @ W
+        err.append(float(np.mean((resid / np.maximum(1 - h, 1e-6)[:, None]) ** 2)))
+    return alphas[int(np.argmin(err))]
+
+
+@register_method("ridge")
+@dataclass
+class Ridge(ImageSpotMethod):
+    """HEST-protocol ridge on spot-crop features (see the module docstring).
+    ``alpha=None``: chosen by leave-one-training-section-out."""
+
+    alpha: float | None = None
+
+    def _fit_spots(self, sections, targets) -> None:
+        Xs = self._fit_features(sections)
+        Ys = [np.asarray(t, dtype=np.float64) for t in targets]
+        alpha = float(self.alpha) if self.alpha is not None else choose_alpha(Xs, Ys)
+        X, Y = np.concatenate(Xs), np.concatenate(Ys)
+        xm, ym, U, s, Vt = _ridge_svd(X, Y)
+        self.coef_ = _ridge_coef(U, s, Vt, Y - ym, alpha)
+        self.xmean_, self.intercept_, self.alpha_ = xm, ym, alpha
+        self.fit_info_ = {"alpha": alpha, "n_pcs": int(self.pca_.n_components_)}
+
+    def _predict_spots(self, section, xy):
+        X = self._transform(section, xy)
+        return ((X - self.xmean_) @ self.coef_ + self.intercept_).astype(np.float32)
+
+
+@register_method("knn_features")
+@dataclass
+class KNNFeatures(ImageSpotMethod):
+    """Mean expression of the ``k`` training spots nearest in (standardised, PCA) image
+    feature space; uniform weights (see the module docstring)."""
+
+    k: int = 20
+
+    def _fit_spots(self, sections, targets) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        self.train_x_ = np.concatenate(self._fit_features(sections)).astype(np.float32)
+        self.train_y_ = np.concatenate(targets).astype(np.float32)
+
+    def _predict_spots(self, section, xy):
+        from scipy.spatial import cKDTree
+
+        X = self._transform(section, xy)
+        k = int(min(self.k, len(self.train_x_)))
+        _, idx = cKDTree(self.train_x_).query(X, k=k)
+        idx = np.asarray(idx).reshape(len(X), k)
+        return self.train_y_[idx].mean(axis=1).astype(np.float32)
+
+
+@register_method("mean")
+@dataclass
+class TrainingMean(SpotMethod):
+    """Every spot gets the mean log1p CP10k of the training spots (reads no image)."""
+
+    def _fit_spots(self, sections, targets) -> None:
+        self.mean_ = np.concatenate(targets).mean(axis=0).astype(np.float32)
+
+    def _predict_spots(self, section, xy):
+        return np.repeat(self.mean_[None], len(xy), axis=0)
+
+
+__all__ = ["Ridge", "KNNFeatures", "TrainingMean", "choose_alpha", "ALPHAS"]

@@ -1,0 +1,162 @@
+"""Nuclei counts per spot crop (HESpotEx's nuclei factor, METHODS 6.1).
+
+Two counters behind :func:`count_nuclei`:
+
+* ``"classical"`` (default, no weights): colour deconvolution (``skimage.color.rgb2hed``,
+  Ruifrok & Johnston) to the hematoxylin optical density, Gaussian smoothing (sigma 1 um),
+  a threshold (Otsu's over the crop, never below ``min_od``: a crop without nuclei stays
+  empty), removal of objects smaller than ``min_area_um2``, and a distance-transform
+  watershed that splits touching nuclei (markers = local maxima of the distance at least
+  ``min_distance_um`` apart). Returns the number of nuclei.
+* ``"cellpose"``: Cellpose 2.x/3.x (``cellpose<4``: ``models.Cellpose(model_type="nuclei")``,
+  HESpotEx's settings: flow_threshold 0.8, automatic diameter, min_size 15, channels [1, 0],
+  invert). Cellpose downloads its weights at first use; histosr refuses to let it do so
+  silently: the nuclei weights must already be in Cellpose's model folder
+  (``$CELLPOSE_LOCAL_MODELS_PATH``, default ``~/.cellpose/models``) unless
+  ``allow_download=True``. HESpotEx runs Cellpose once on the whole slide and counts labels
+  in each crop; histosr runs it per crop (same counts up to nuclei cut by the crop border,
+  and no whole-slide mask in memory).
+
+Crops are read at 0.5 um/px (:func:`histosr.features.crops.read_crop`), so sizes are
+physical. Coordinates are full-resolution px, x = column, y = row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .geometry import TARGET_UM_PER_PX
+
+COUNTERS = ("classical", "cellpose")
+
+
+def count_nuclei_classical(rgb: np.ndarray, um_per_px: float = TARGET_UM_PER_PX,
+                           min_od: float = 0.03, min_area_um2: float = 8.0,
+                           min_distance_um: float = 2.5, sigma_um: float = 1.0) -> int:
+    """Number of nuclei in an RGB uint8 (H, W, 3) image at ``um_per_px``: hematoxylin
+    channel, threshold, distance-transform watershed (see the module docstring)."""
+    from scipy import ndimage as ndi
+    from skimage.color import rgb2hed
+    from skimage.feature import peak_local_max
+    from skimage.filters import threshold_otsu
+    from skimage.segmentation import watershed
+
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] < 3:
+        raise ValueError(f"expected an RGB image (H, W, 3), got shape {rgb.shape}")
+    h = ndi.gaussian_filter(rgb2hed(rgb[..., :3])[..., 0], sigma_um / um_per_px)
+    if h.max() < min_od:
+        return 0
+    try:
+        thr = float(threshold_otsu(h))
+    except ValueError:  # constant image
+        return 0
+    mask = h > max(thr, min_od)
+    mask = ndi.binary_opening(mask, iterations=1)
+    lab, n = ndi.label(mask)
+    if n == 0:
+        return 0
+    min_px = min_area_um2 / um_per_px**2
+    sizes = np.bincount(lab.ravel())
+    mask = (sizes >= min_px)[lab] & (lab > 0)
+    if not mask.any():
+        return 0
+    dist = ndi.distance_transform_edt(mask)
+    lab, _ = ndi.label(mask)
+    peaks = peak_local_max(dist, min_distance=max(1, int(round(min_distance_um / um_per_px))),
+                           labels=lab, exclude_border=False)
+    markers = np.zeros(dist.shape, dtype=np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    seg = watershed(-dist, markers, mask=mask)
+    return int(len(np.unique(seg[seg > 0])))
+
+
+def _cellpose_models_dir() -> Path:
+    return Path(os.environ.get("CELLPOSE_LOCAL_MODELS_PATH",
+                               Path.home() / ".cellpose" / "models"))
+
+
+def cellpose_counter(gpu: bool = False, allow_download: bool = False):
+    """A function rgb (H, W, 3) uint8 -> nuclei count using Cellpose (``cellpose<4``)."""
+    try:
+        from cellpose import models
+    except ImportError as e:
+        raise ImportError(
+            "the 'cellpose' nuclei counter needs Cellpose 2.x/3.x: pip install 'cellpose<4' "
+            "(or use counter='classical', which needs no weights)") from e
+    if not hasattr(models, "Cellpose"):
+        raise ImportError("Cellpose >= 4 removed models.Cellpose (the 'nuclei' model that "
+                          "HESpotEx uses): pip install 'cellpose<4'")
+    d = _cellpose_models_dir()
+    if not allow_download and not any(d.glob("nuclei*")):
+        raise FileNotFoundError(
+            f"Cellpose nuclei weights not found in {d} and histosr never downloads weights "
+            "silently: run `python -c \"from cellpose import models; "
+            "models.Cellpose(model_type='nuclei')\"` once to fetch them (or set "
+            "CELLPOSE_LOCAL_MODELS_PATH to a folder holding them), or pass "
+            "allow_download=True")
+    model = models.Cellpose(model_type="nuclei", gpu=gpu)
+
+    def count(rgb: np.ndarray) -> int:
+        masks = model.eval(np.asarray(rgb), diameter=None, channels=[1, 0],
+                           flow_threshold=0.8, min_size=15, invert=True)[0]
+        return int(len(np.unique(masks[masks > 0])))
+
+    return count
+
+
+def count_nuclei(section, centers=None, size_um: float | None = None,
+                 counter: str = "classical", cache_dir=None, **kwargs) -> np.ndarray:
+    """int32 (n,) nuclei counts in square crops of ``size_um`` (default the spot diameter)
+    centred on ``centers`` (n, 2) full-res px (x, y; default the section's spots).
+    ``counter``: ``"classical"`` or ``"cellpose"``; ``kwargs`` go to the counter. Cached in
+    ``cache_dir`` (keyed by the image, centres, size and counter settings)."""
+    from .features.cache import array_digest, image_identity
+    from .features.crops import read_crop
+
+    if counter not in COUNTERS:
+        raise ValueError(f"counter must be one of {COUNTERS}, got {counter!r}")
+    centers = section.xy if centers is None else np.asarray(centers, dtype=np.float64)
+    centers = centers.reshape(-1, 2)
+    size_um = float(size_um or section.spot_diameter_um)
+    size_px = max(8, int(round(size_um / TARGET_UM_PER_PX)))
+    path = None
+    if cache_dir is not None:
+        key = hashlib.blake2b(json.dumps(
+            {"image": image_identity(section.image), "um": round(float(section.um_per_px), 9),
+             "centers": array_digest(centers), "size": size_px, "counter": counter,
+             "kw": kwargs, "v": 1}, sort_keys=True, default=str).encode(),
+            digest_size=12).hexdigest()
+        path = Path(cache_dir) / f"nuclei-{counter}-{key}.npy"
+        if path.exists():
+            return np.load(path)
+    if counter == "cellpose":
+        fn = cellpose_counter(**kwargs)
+    else:
+        def fn(rgb):
+            return count_nuclei_classical(rgb, TARGET_UM_PER_PX, **kwargs)
+    out = np.array([fn(read_crop(section, c, size_px)) for c in centers], dtype=np.int32)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, out)
+        os.replace(tmp, path)
+    return out
+
+
+def nuclei_factor(counts: np.ndarray, clip: tuple[int, int] = (1, 20)) -> np.ndarray:
+    """HESpotEx's per-spot factor in (1, 2]: (number of labels incl. background = count + 1),
+    clipped to ``clip``, divided by its maximum over the section, plus 1."""
+    c = np.clip(np.asarray(counts, dtype=np.float64) + 1.0, clip[0], clip[1])
+    if c.size == 0:
+        return c.astype(np.float32)
+    return (c / c.max() + 1.0).astype(np.float32)
+
+
+__all__ = ["count_nuclei", "count_nuclei_classical", "cellpose_counter", "nuclei_factor",
+           "COUNTERS"]
