@@ -99,15 +99,7 @@ class Method:
         features = list(features) if isinstance(features, (list, tuple)) else [features]
         if len(sections) != len(features):
             raise ValueError(f"got {len(sections)} sections but {len(features)} feature maps")
-        if genes is None:
-            common = set(sections[0].genes)
-            for s in sections[1:]:
-                common &= set(s.genes)
-            genes = [g for g in sections[0].genes if g in common]
-        missing = [g for g in genes if any(g not in s.counts.var_names for s in sections)]
-        if missing:
-            raise ValueError(f"genes not measured in every training section: {missing[:10]}")
-        self.genes_ = list(genes)
+        self.genes_ = shared_genes(sections, genes)
         self._fit(sections, features)
         return self
 
@@ -203,6 +195,22 @@ class Method:
         with open(path / "state.pkl", "rb") as f:
             m.__dict__.update(pickle.load(f))
         return m
+
+
+def shared_genes(sections: list, genes: list[str] | None = None) -> list[str]:
+    """``genes`` checked against every section, or (``None``) the genes measured in all of
+    them, in the first section's order."""
+    if genes is None:
+        common = set(sections[0].genes)
+        for s in sections[1:]:
+            common &= set(s.genes)
+        genes = [g for g in sections[0].genes if g in common]
+    missing = [g for g in genes if any(g not in s.counts.var_names for s in sections)]
+    if missing:
+        raise ValueError(f"genes not measured in every training section: {missing[:10]}")
+    if not genes:
+        raise ValueError("no gene is measured in every training section")
+    return list(genes)
 
 
 def load_method(path: str | Path) -> Method:

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ..metrics import log_cp10k
-from .base import Method
+from .base import Method, shared_genes
 
 SCALE = "log1p_cp10k"
 
@@ -61,17 +61,7 @@ class SpotMethod(Method):
         """Fit on one or more sections' measured spots. ``genes`` restricts the genes
         (default: genes shared by all sections)."""
         sections = list(sections) if isinstance(sections, (list, tuple)) else [sections]
-        if genes is None:
-            common = set(sections[0].genes)
-            for s in sections[1:]:
-                common &= set(s.genes)
-            genes = [g for g in sections[0].genes if g in common]
-        missing = [g for g in genes if any(g not in s.counts.var_names for s in sections)]
-        if missing:
-            raise ValueError(f"genes not measured in every training section: {missing[:10]}")
-        if not genes:
-            raise ValueError("no gene is measured in every training section")
-        self.genes_ = list(genes)
+        self.genes_ = shared_genes(sections, genes)
         self._fit_spots(sections, [spot_targets(s, self.genes_) for s in sections])
         return self
 
