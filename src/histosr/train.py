@@ -204,13 +204,15 @@ def train_loop(
     optimizer: str = "adam",
     progress: bool | str = True,
     weight_decay: float = 0.0,
+    lr_factor: Callable[[int], float] | None = None,
 ) -> list[float]:
     """Minimise ``loss_fn(model, batch)`` over ``batches_fn(epoch)`` for ``epochs`` epochs.
 
     ``batches_fn`` receives the epoch number so it can draw that epoch's shuffle from its
     own seeded generator (the loop itself draws no random numbers, so a seeded caller is
     deterministic). ``progress``: a tqdm bar (True, or a string used as its label).
-    Returns the mean loss of each epoch.
+    Returns the mean loss of each epoch. ``lr_factor(step)``: a learning-rate multiplier
+    per optimiser step (``LambdaLR``, stepped after every step), e.g. warm-up + cosine.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) this is data-parallel (PyTorch DDP): every rank
     draws the same batches (same seed), takes every ``world_size``-th one (rank r the r-th of
@@ -219,9 +221,11 @@ def train_loop(
     the ranks hold identical weights after every step. A step then sees ``world_size``
     batches; the learning rate is not rescaled. The history is the mean over ranks.
     """
+    import torch
     from tqdm.auto import tqdm
 
     opt = make_optimizer(model.parameters(), optimizer, lr, weight_decay)
+    sched = None if lr_factor is None else torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     model.train()
     step = _ddp_step(model, loss_fn)
     history: list[float] = []
@@ -235,6 +239,8 @@ def train_loop(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             d = loss.detach()
             total = d if total is None else total + d
             n += 1

@@ -91,34 +91,14 @@ def published_lr(step: int, steps_per_epoch: int, epochs: int, warmup: int = 5,
 def train_chunks(model, batches_fn: Callable[[int], Iterable[Any]],
                  loss_fn: Callable[[Any, Any], Any], epochs: int, steps_per_epoch: int,
                  lr: float = 1e-3, progress: bool | str = False) -> list[float]:
-    """Adam with :func:`published_lr` per iteration; returns the mean loss per epoch.
-    ``batches_fn(epoch)`` yields that epoch's batches (seeded by the caller)."""
-    import torch
-    from tqdm.auto import tqdm
-
+    """:func:`histosr.train.train_loop` with Adam and :func:`published_lr` per iteration;
+    returns the mean loss per epoch. ``batches_fn(epoch)`` yields that epoch's batches
+    (seeded by the caller)."""
     from .. import train
 
-    opt = train.make_optimizer(model.parameters(), "adam", lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: published_lr(s, steps_per_epoch, epochs, lr=lr) / lr)
-    model.train()
-    hist: list[float] = []
-    bar = tqdm(range(int(epochs)), desc=progress if isinstance(progress, str) else "train",
-               disable=not progress, leave=False)
-    for epoch in bar:
-        total, n = None, 0
-        for batch in batches_fn(epoch):
-            loss = loss_fn(model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            d = loss.detach()
-            total = d if total is None else total + d
-            n += 1
-        hist.append(float(total) / n if n else float("nan"))
-    model.eval()
-    return hist
+    return train.train_loop(
+        model, batches_fn, loss_fn, epochs, lr, optimizer="adam", progress=progress,
+        lr_factor=lambda s: published_lr(s, steps_per_epoch, epochs, lr=lr) / lr)
 
 
 def lerp_embedding_class():
