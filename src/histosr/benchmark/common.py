@@ -144,6 +144,22 @@ def section_features(section, method, encoder: str, cache_dir: Path | None,
                             **kw)
 
 
+def gene_scores(pred: np.ndarray, truth: np.ndarray, n_top: int = 50) -> dict:
+    """The per-gene scores every spot protocol reports, on the log1p CP10k scale (spots x
+    genes, genes ranked so that top50 = the first ``n_top``): mean and median Pearson r
+    over the top genes, mean r over all (``hvg1000``), MAE over the top genes."""
+    from .. import metrics
+
+    r = metrics.pcc_per_gene(pred, truth)
+    top = slice(0, min(n_top, np.shape(truth)[1]))
+    return {
+        "top50_pcc": float(np.mean(r[top])),
+        "top50_pcc_median": float(np.median(r[top])),
+        "hvg1000_pcc": float(np.mean(r)),
+        "mae": metrics.mae(np.asarray(pred)[:, top], np.asarray(truth)[:, top]),
+    }
+
+
 def score_sections(protocol: str, sections, score_one, *, method_name: str, encoder: str,
                    params: dict, timer: Timer, out=None, progress: bool = True,
                    skip_log=("seconds",)) -> dict:

@@ -28,7 +28,14 @@ from pathlib import Path
 import numpy as np
 
 from .. import metrics
-from .common import Timer, log, method_factory, score_sections, section_features
+from .common import (
+    Timer,
+    gene_scores,
+    log,
+    method_factory,
+    score_sections,
+    section_features,
+)
 from .p2 import read_section
 
 PROTOCOL = "p1"
@@ -99,14 +106,7 @@ def predict_held_out(method, train_sec, held_xy: np.ndarray, genes: list[str], e
 def score_held_out(pred: np.ndarray, truth: np.ndarray, n_top: int = 50) -> dict:
     """P1 scores of log1p CP10k predictions against the truth (both held-out x genes, genes
     ranked so that top50 = the first 50)."""
-    r = metrics.pcc_per_gene(pred, truth)
-    top = slice(0, min(n_top, truth.shape[1]))
-    return {
-        "top50_pcc": float(np.mean(r[top])),
-        "top50_pcc_median": float(np.median(r[top])),
-        "hvg1000_pcc": float(np.mean(r)),
-        "mae": metrics.mae(pred[:, top], truth[:, top]),
-    }
+    return gene_scores(pred, truth, n_top)
 
 
 def run_section(native, make_method, encoder: str, cache_dir: Path | None,
@@ -152,11 +152,11 @@ def p1(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
         cls = _REGISTRY.get(method)
     else:
         cls = type(method)
-    if cls is not None and getattr(cls, "kind", "superpixel") == "spot":
+    spot = cls is not None and getattr(cls, "kind", "superpixel") == "spot"
+    if spot:
         consistency = False  # does not apply: spot methods predict whole spots
     make, params, mname = method_factory(method, epochs=epochs, n_states=n_states, seed=seed,
                                          progress=progress, consistency=consistency)
-    spot = cls is not None and getattr(cls, "kind", "superpixel") == "spot"
     params = {**params, "seed": int(seed), "scoring": {
         **SCORING, "prediction": "log1p CP10k from the method (spot method)" if spot else (
             "counts over the held-out spot's disk; library = "

@@ -35,7 +35,7 @@ import numpy as np
 
 from .. import metrics
 from ..geometry import pool_spots
-from .common import Timer, log, method_factory, score_sections, section_features
+from .common import Timer, gene_scores, log, method_factory, score_sections, section_features
 
 PROTOCOL = "p2"
 SCORING = {
@@ -98,15 +98,13 @@ def score_native(pred_counts: np.ndarray, native, genes: list[str], blocks,
     truth = metrics.log_cp10k(native.dense_counts(genes), lib)
     plib = lib if pred_library is None else np.asarray(pred_library, dtype=np.float64)
     pred = metrics.log_cp10k(np.clip(np.asarray(pred_counts, np.float64), 0, None), plib)
-    r = metrics.pcc_per_gene(pred, truth)
     top = slice(0, min(n_top, len(genes)))
     within = metrics.pcc_within_groups(pred[:, top], truth[:, top], np.asarray(blocks))
+    scores = gene_scores(pred, truth, n_top)
     return {
-        "top50_pcc": float(np.mean(r[top])),
-        "top50_pcc_median": float(np.median(r[top])),
-        "hvg1000_pcc": float(np.mean(r)),
+        **{k: scores[k] for k in ("top50_pcc", "top50_pcc_median", "hvg1000_pcc")},
         "top50_within_pcc": float(np.mean(within)),
-        "mae": metrics.mae(pred[:, top], truth[:, top]),
+        "mae": scores["mae"],
         "n_spots": int(native.n_spots),
         "n_blocks": int(len(set(np.asarray(blocks)))),
         "n_genes": int(len(genes)),

@@ -34,7 +34,7 @@ import numpy as np
 
 from .. import metrics
 from ..image_only import image_only_view
-from .common import Timer, log, method_factory, peak_rss_mb
+from .common import Timer, gene_scores, log, method_factory, peak_rss_mb
 
 PROTOCOL = "p3"
 SCORING = {
@@ -85,11 +85,7 @@ def truth_matrix(section, genes: list[str]) -> np.ndarray:
 def score_section(pred: np.ndarray, section, genes: list[str], n_top: int = 50) -> dict:
     """P3 scores of ``pred`` (spots x ``genes``, log1p CP10k, the section's spot order)."""
     truth = truth_matrix(section, genes)
-    r = metrics.pcc_per_gene(pred, truth)
-    top = slice(0, min(n_top, len(genes)))
-    return {"top50_pcc": float(np.mean(r[top])), "top50_pcc_median": float(np.median(r[top])),
-            "hvg1000_pcc": float(np.mean(r)),
-            "mae": metrics.mae(np.asarray(pred)[:, top], truth[:, top]),
+    return {**gene_scores(pred, truth, n_top),
             "n_spots": int(section.n_spots), "n_genes": int(len(genes)),
             "n_genes_unmeasured": int(sum(g not in section.counts.var_names for g in genes))}
 
