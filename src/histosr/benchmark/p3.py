@@ -121,27 +121,14 @@ def run_fold(test, train, method, data=None, n_genes: int = 1000, progress: bool
     return {"name": test_sec.name, "scores": scores, "fit_info": info}
 
 
-def _client(scheduler, n_workers: int):
-    """(client, owned) for a scheduler spec: ``"local"``, an address or a Client."""
-    from distributed import Client, LocalCluster
-
-    if isinstance(scheduler, Client):
-        return scheduler, False
-    if scheduler == "local":
-        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None)
-        return Client(cluster), True
-    return Client(str(scheduler)), True
-
-
 def p3(method, sections=None, encoder: str = "handcrafted", data=None, epochs=None,
        n_states=None, seed: int = 0, consistency=None, out=None, progress: bool = True,
-       scheduler=None, cache_dir=None, n_workers: int = 2, n_genes: int = 1000) -> dict:
+       scheduler=None, cache_dir=None, n_genes: int = 1000) -> dict:
     """Run P3 over ``sections`` (her2st names, default C2..C6, or Section objects; at least
     two) and return the results dict; with ``out`` also write ``out/results.json``.
     ``method``: a registered name (``knn`` -> ``knn_features``) or a SpotMethod instance;
     ``encoder`` sets its image encoder; ``scheduler``: None (serial), ``"local"``, an address
-    or a ``distributed.Client`` (``n_workers`` for ``"local"``)."""
+    or a ``distributed.Client`` (see :func:`histosr.cluster.dask_client`)."""
     from ..datasets import HER2ST_SECTIONS
     from ..methods.spot import SpotMethod
     from . import report
@@ -208,24 +195,21 @@ def p3(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
     else:
         from distributed import as_completed
 
-        client, owned = _client(scheduler, n_workers)
-        held, futs = [], []
-        try:
-            if not all(isinstance(s, str) for s in specs):  # Section objects: send each once
-                held = client.scatter(list(specs))
-                folds = [(held[i], [h for j, h in enumerate(held) if j != i])
-                         for i in range(len(specs))]
-            futs = [client.submit(run_fold, test, train, template, data, n_genes, False,
-                                  pure=False) for test, train in folds]
-            for f in as_completed(futs):
-                record(f.result())
-        finally:
-            client.cancel(futs + held)  # release the fold results and scattered sections
-            if owned:
-                cluster = getattr(client, "cluster", None)
-                client.close()
-                if cluster is not None:
-                    cluster.close()
+        from ..cluster import dask_client
+
+        with dask_client(scheduler) as client:
+            held, futs = [], []
+            try:
+                if not all(isinstance(s, str) for s in specs):  # Sections: send each once
+                    held = client.scatter(list(specs))
+                    folds = [(held[i], [h for j, h in enumerate(held) if j != i])
+                             for i in range(len(specs))]
+                futs = [client.submit(run_fold, test, train, template, data, n_genes, False,
+                                      pure=False) for test, train in folds]
+                for f in as_completed(futs):
+                    record(f.result())
+            finally:
+                client.cancel(futs + held)  # release the fold results and scattered sections
     return res
 
 
