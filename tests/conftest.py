@@ -21,3 +21,25 @@ def data_dir():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small models train much faster on one thread than on several on a shared CPU; the
+    thread count is restored after the module."""
+    torch = pytest.importorskip("torch")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def held_out_halves():
+    """A small synthetic Visium section and its P1 halves: (section, training, held out)."""
+    from histosr.benchmark.p1 import split, subset
+    from histosr.simulate import synthetic_visium
+
+    sec = synthetic_visium(seed=0, size_um=1000, n_genes=12)
+    tr, ho = split(sec.counts.obs_names)
+    return sec, subset(sec, tr), subset(sec, ho, "_held")

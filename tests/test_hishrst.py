@@ -7,7 +7,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from histosr.benchmark.p1 import split, subset  # noqa: E402
 from histosr.methods import get_method  # noqa: E402
 from histosr.methods.base import Method  # noqa: E402
 from histosr.methods.spot import spot_targets  # noqa: E402
@@ -19,29 +18,15 @@ from histosr.methods.spotnet import (  # noqa: E402
     section_lattice,
 )
 from histosr.metrics import pcc_per_gene  # noqa: E402
-from histosr.simulate import synthetic_visium  # noqa: E402
 
 FAST = dict(epochs=40, crop_um=32.0, chunk_size=12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models: one thread is much faster than several on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def halves():
-    sec = synthetic_visium(seed=0, size_um=1000, n_genes=12)
-    tr, ho = split(sec.counts.obs_names)
-    return sec, subset(sec, tr), subset(sec, ho, "_held")
-
-
-def test_learns_held_out_spots(halves):
-    sec, tr, ho = halves
+def test_learns_held_out_spots(held_out_halves):
+    sec, tr, ho = held_out_halves
     m = get_method("hishrst", **FAST).fit([tr])
     pred = m.predict(tr, at=ho.xy)
     truth = spot_targets(ho, m.genes_)
@@ -52,8 +37,8 @@ def test_learns_held_out_spots(halves):
     assert m.loss_history_[0][-1] < m.loss_history_[0][0] / 5
 
 
-def test_deterministic_and_save_load(halves, tmp_path):
-    sec, tr, ho = halves
+def test_deterministic_and_save_load(held_out_halves, tmp_path):
+    sec, tr, ho = held_out_halves
     kw = dict(FAST, epochs=3)
     a = get_method("hishrst", seed=3, **kw).fit([tr])
     b = get_method("hishrst", seed=3, **kw).fit([tr])
@@ -66,8 +51,8 @@ def test_deterministic_and_save_load(halves, tmp_path):
     np.testing.assert_allclose(a.predict(tr, at=tr.xy[:5]).X, a.predict(tr).X[:5], atol=1e-6)
 
 
-def test_half_step_positions_are_exact(halves):
-    sec = halves[0]
+def test_half_step_positions_are_exact(held_out_halves):
+    sec = held_out_halves[0]
     lat, ab = section_lattice(sec)
     np.testing.assert_array_equal(lattice_index(lat, sec.xy), ab)
     half = ab[:4] + np.array([0.5, -0.5])
@@ -79,8 +64,8 @@ def test_half_step_positions_are_exact(halves):
     torch.testing.assert_close(out[2], (out[0] + out[1]) / 2)
 
 
-def test_half_step_prediction_differs_from_truncation(halves):
-    sec, tr, _ = halves
+def test_half_step_prediction_differs_from_truncation(held_out_halves):
+    sec, tr, _ = held_out_halves
     m = get_method("hishrst", **dict(FAST, epochs=5)).fit([tr])
     lat, ab = section_lattice(tr)
     net = m._arch(m.in_dim_)
@@ -106,8 +91,8 @@ def test_chunks_and_schedule():
     assert published_lr(E * spe - 1, spe, E) < 1e-4
 
 
-def test_errors(halves):
-    sec, tr, _ = halves
+def test_errors(held_out_halves):
+    sec, tr, _ = held_out_halves
     with pytest.raises(ValueError, match="chunk_size"):
         get_method("hishrst", chunk_size=0).fit([tr])
     m = get_method("hishrst", **dict(FAST, epochs=1)).fit([tr])

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 from scipy.ndimage import gaussian_filter
 
 from histosr.features.featuremap import FeatureMap
@@ -18,12 +17,7 @@ SMALL = {"epochs": 40, "lr": 1e-3, "n_states": 1, "embed_dim": 32, "hidden": (64
          "batch_size": 8, "progress": False, "device": "cpu"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def synthetic(seed=0, n_genes=4, pooled=False):

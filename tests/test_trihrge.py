@@ -5,35 +5,20 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from histosr.benchmark.p1 import split, subset  # noqa: E402
 from histosr.methods import get_method  # noqa: E402
 from histosr.methods.base import Method  # noqa: E402
 from histosr.methods.spot import spot_targets  # noqa: E402
 from histosr.metrics import pcc_per_gene  # noqa: E402
-from histosr.simulate import synthetic_visium  # noqa: E402
 
 FAST = dict(epochs=60, target_um=32.0, region_um=96.0, chunk_size=12, dim=128)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models: one thread is much faster than several on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def halves():
-    sec = synthetic_visium(seed=0, size_um=1000, n_genes=12)
-    tr, ho = split(sec.counts.obs_names)
-    return sec, subset(sec, tr), subset(sec, ho, "_held")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("variant,epochs", [("paper", 60), ("released", 25)])
-def test_learns_held_out_spots(halves, variant, epochs):
-    _, tr, ho = halves
+def test_learns_held_out_spots(held_out_halves, variant, epochs):
+    _, tr, ho = held_out_halves
     m = get_method("trihrge", variant=variant, **{**FAST, "epochs": epochs}).fit([tr])
     pred = m.predict(tr, at=ho.xy)
     r = pcc_per_gene(np.asarray(pred.X), spot_targets(ho, m.genes_))
@@ -41,8 +26,8 @@ def test_learns_held_out_spots(halves, variant, epochs):
     assert m.loss_history_[0][-1] < m.loss_history_[0][0] / 3
 
 
-def test_deterministic_save_load_and_ablations(halves, tmp_path):
-    _, tr, ho = halves
+def test_deterministic_save_load_and_ablations(held_out_halves, tmp_path):
+    _, tr, ho = held_out_halves
     kw = dict(FAST, epochs=2)
     a = get_method("trihrge", seed=1, **kw).fit([tr])
     b = get_method("trihrge", seed=1, **kw).fit([tr])
@@ -55,7 +40,7 @@ def test_deterministic_save_load_and_ablations(halves, tmp_path):
         assert np.isfinite(m.predict(tr, at=ho.xy).X).all()
 
 
-def test_errors(halves):
-    _, tr, _ = halves
+def test_errors(held_out_halves):
+    _, tr, _ = held_out_halves
     with pytest.raises(ValueError, match="variant"):
         get_method("trihrge", variant="figure").fit([tr])
