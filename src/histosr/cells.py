@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .arrays import dense
 from .geometry import SP_UM
 
 
@@ -201,7 +202,7 @@ def aggregate_cells(pred, segmentation, *, um_per_px: float | None = None, sub: 
         centroids = np.array([polygon_centroid(p) for p in polys]).reshape(-1, 2)
     area_sp = np.asarray(weights.sum(axis=1)).ravel()
     flat = np.asarray(pred.obs["row"], np.int64) * W + np.asarray(pred.obs["col"], np.int64)
-    X = pred.X.toarray() if sp.issparse(pred.X) else np.asarray(pred.X)
+    X = dense(pred.X)
     Wp = weights[:, flat]  # cells x predicted superpixels
     counts = np.asarray(Wp @ X.astype(np.float64), dtype=np.float32)
     covered = np.asarray(Wp.sum(axis=1)).ravel()

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from . import arrays
+from .arrays import gene_values
+
 
 def densify_section(section, method: str = "hishrst", factor: int = 4,
                     genes: list[str] | None = None, n_genes: int = 1000, seed: int = 0,
@@ -61,7 +64,7 @@ def densify_section(section, method: str = "hishrst", factor: int = 4,
         "half_a": q[:, 0], "half_b": q[:, 1], "measured": measured,
         "spot": np.where(spot_idx >= 0, ids[np.maximum(spot_idx, 0)], ""),
     }, index=pd.Index([f"g{a}_{b}" for a, b in q]))
-    out = ad.AnnData(X=np.asarray(pred.X, dtype=np.float32), obs=obs, var=pred.var.copy())
+    out = ad.AnnData(X=arrays.dense(pred.X, np.float32), obs=obs, var=pred.var.copy())
     out.obsm["spatial"] = xy
     out.uns["histosr"] = dict(pred.uns["histosr"])
     out.uns["densify"] = {**lat.as_dict(), "section": section.name, "factor": int(factor),
@@ -93,7 +96,7 @@ def plot_densified(dense, section, genes: list[str], path: str | Path) -> Path:
     thumb = section.image.thumbnail(1024)
     H, W = section.image.shape[:2]
     for r, g in enumerate(genes):
-        pv = np.asarray(dense[:, g].X, dtype=np.float64).ravel()
+        pv = gene_values(dense, g)
         vmin, vmax = np.percentile(np.concatenate([meas[:, r], pv]), [1, 99])
         for c, (xy, v, d, title) in enumerate((
                 (xy_m, meas[:, r], pitch, f"{g}: measured spots ({len(xy_m)})"),

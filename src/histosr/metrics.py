@@ -16,9 +16,9 @@ _REL_TOL = 1e-6
 
 
 def _dense(x) -> np.ndarray:
-    if sp.issparse(x):
-        x = x.toarray()
-    return np.asarray(x, dtype=np.float64)
+    from .arrays import dense
+
+    return dense(x)
 
 
 def _as_2d(x) -> np.ndarray:

@@ -71,8 +71,10 @@ def maps_from_anndata(adata, genes: list[str]) -> np.ndarray:
     out = np.full((len(genes), h, w), np.nan, dtype=np.float32)
     r = adata.obs["row"].to_numpy()
     c = adata.obs["col"].to_numpy()
+    from .arrays import gene_values
+
     for i, g in enumerate(genes):
-        out[i, r, c] = np.asarray(adata[:, g].X).ravel()
+        out[i, r, c] = gene_values(adata, g, np.float32)
     return out
 
 

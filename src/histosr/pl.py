@@ -25,7 +25,9 @@ def gene_map(adata, gene: str, section=None, ax=None, cmap: str = "magma",
     plt = _plt()
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 5))
-    v = np.log1p(np.asarray(adata[:, gene].X).ravel().astype(np.float64))
+    from .arrays import gene_values
+
+    v = np.log1p(gene_values(adata, gene))
     if section is not None:
         thumb = section.image.thumbnail(1024)
         h, w = section.image.shape[:2]

@@ -77,9 +77,9 @@ class Section:
 
     def dense_counts(self, genes: list[str] | None = None) -> np.ndarray:
         """Raw counts as a dense float64 array (spots x genes)."""
-        a = self.counts if genes is None else self.counts[:, genes]
-        x = a.X
-        return np.asarray(x.toarray() if sp.issparse(x) else x, dtype=np.float64)
+        from .arrays import columns, dense
+
+        return dense(self.counts.X) if genes is None else columns(self.counts, genes)
 
     def spot_footprints(self) -> list[np.ndarray]:
         """Per spot, the (k, 2) disk centres whose union is its footprint."""

@@ -37,7 +37,9 @@ SP_UM = 8.0  # superpixel pitch (um)
 
 # -- inputs ---------------------------------------------------------------------------------
 def _dense(x) -> np.ndarray:
-    return x.toarray() if sp.issparse(x) else np.asarray(x)
+    from .arrays import dense
+
+    return dense(x, None)
 
 
 def _is_grid(adata) -> bool:

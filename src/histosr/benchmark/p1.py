@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import metrics
+from ..arrays import columns
 from .common import (
     Timer,
     gene_scores,
@@ -73,10 +74,6 @@ def subset(section, ids: list[str], suffix: str = "_train"):
                                annotations=ann)
 
 
-def _dense(X) -> np.ndarray:
-    return np.asarray(X.toarray() if hasattr(X, "toarray") else X, dtype=np.float64)
-
-
 def predict_held_out(method, train_sec, held_xy: np.ndarray, genes: list[str], encoder: str,
                      cache_dir, progress: bool, diameter_um: float,
                      library: str = "predicted") -> np.ndarray:
@@ -87,12 +84,11 @@ def predict_held_out(method, train_sec, held_xy: np.ndarray, genes: list[str], e
             method.cache_dir = str(cache_dir)
         method.fit([train_sec], genes=genes)
         pred = method.predict(train_sec, at=held_xy)
-        X = _dense(pred.X)[:, pred.var_names.get_indexer(genes)]
-        return X
+        return columns(pred, genes)
     fm = section_features(train_sec, method, encoder, cache_dir, progress)
     method.fit([train_sec], [fm], genes=genes)
     pred = method.predict(train_sec, fm, at=held_xy, diameter_um=diameter_um)
-    C = np.clip(_dense(pred.X)[:, pred.var_names.get_indexer(genes)], 0, None)
+    C = np.clip(columns(pred, genes), 0, None)
     if library == "predicted":
         tot = float(np.asarray(train_sec.counts.X.sum()))
         sel = float(np.asarray(train_sec.counts[:, genes].X.sum()))

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import metrics
+from ..arrays import columns
 from ..geometry import pool_spots
 from .common import Timer, gene_scores, log, method_factory, score_sections, section_features
 
@@ -129,8 +130,7 @@ def run_section(native, make_method, encoder: str, cache_dir: Path | None,
     def score(consistency: bool) -> dict:
         pred = method.predict(pooled, fm, at=native.xy, diameter_um=native.spot_diameter_um,
                               consistency=consistency)
-        X = pred.X.toarray() if hasattr(pred.X, "toarray") else np.asarray(pred.X)
-        X = X[:, [list(pred.var_names).index(g) for g in genes]]
+        X = columns(pred, genes)
         plib = predicted_library(X, pooled, blocks, genes) if library == "predicted" else None
         return score_native(X, native, genes, blocks, plib)
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import metrics
+from ..arrays import columns
 from ..image_only import image_only_view
 from .common import Timer, gene_scores, log, method_factory, peak_rss_mb
 
@@ -113,8 +114,7 @@ def run_fold(test, train, method, data=None, n_genes: int = 1000, progress: bool
                   f"({sum(s.n_spots for s in train_secs)} spots, {len(genes)} genes)")
     m.fit(train_secs, genes=genes)
     pred = m.predict(image_only_view(test_sec), at="spots")
-    X = pred.X.toarray() if hasattr(pred.X, "toarray") else np.asarray(pred.X)
-    X = X[:, [list(pred.var_names).index(g) for g in genes]]
+    X = columns(pred, genes)
     scores = score_section(X, test_sec, genes)
     scores["seconds"] = round(t.elapsed, 1)
     info = getattr(m, "fit_info_", None)

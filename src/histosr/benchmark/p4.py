@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import metrics
+from ..arrays import columns
 from ..geometry import grid_for, section_footprints
 from .common import Timer, log, method_factory, score_sections, section_features
 
@@ -68,8 +69,7 @@ def score_superpixels(pred, section, seed: int = 0, genes: list[str] | None = No
     T = cube[..., [tgenes.index(g) for g in genes]].astype(np.float64)
     rows = np.asarray(pred.obs["row"], dtype=np.int64)
     cols = np.asarray(pred.obs["col"], dtype=np.int64)
-    X = pred[:, genes].X
-    X = np.asarray(X.toarray() if hasattr(X, "toarray") else X, dtype=np.float64)
+    X = columns(pred, genes)
     P = np.zeros(T.shape)
     P[rows, cols] = X
     covered = np.zeros(mask.shape, dtype=bool)

@@ -1,0 +1,48 @@
+"""Dense and sparse expression matrices, one way: every public function that reads ``X``
+goes through these helpers, so CSR/CSC/COO matrices, ``np.matrix``, AnnData views and
+backed datasets are all accepted.
+
+Space Ranger and most h5ad files hold sparse counts; ``np.asarray`` on a scipy sparse
+matrix silently builds a 0-d object array, which is why nothing here calls it directly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+
+def dense(x, dtype=np.float64) -> np.ndarray:
+    """``x`` as a dense ndarray of ``dtype`` (a copy only where a conversion needs one)."""
+    if sp.issparse(x):
+        x = x.toarray()
+    elif hasattr(x, "to_memory"):  # anndata backed / lazy arrays
+        return dense(x.to_memory(), dtype)
+    elif hasattr(x, "toarray"):  # anndata's sparse datasets and other array-likes
+        x = x.toarray()
+    return np.asarray(x, dtype=dtype)
+
+
+def row_sums(x) -> np.ndarray:
+    """float64 (n_rows,) sums of each row (a spot's library size when ``x`` holds counts)."""
+    if sp.issparse(x):
+        return np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
+    return dense(x).sum(axis=1)
+
+
+def gene_values(adata, gene: str, dtype=np.float64) -> np.ndarray:
+    """(n_obs,) values of one gene (column) of an AnnData, dense or sparse."""
+    j = adata.var_names.get_loc(gene)
+    return dense(adata.X[:, j], dtype).reshape(-1)
+
+
+def columns(adata, genes, dtype=np.float64) -> np.ndarray:
+    """(n_obs, len(genes)) dense values of ``genes`` in the order given."""
+    idx = adata.var_names.get_indexer(list(genes))
+    if (idx < 0).any():
+        missing = [g for g, i in zip(genes, idx) if i < 0][:5]
+        raise KeyError(f"genes not in the AnnData: {missing}")
+    return dense(adata.X[:, idx], dtype)
+
+
+__all__ = ["dense", "row_sums", "gene_values", "columns"]
