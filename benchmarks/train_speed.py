@@ -38,17 +38,17 @@ def measure(method: str, section: str, epochs: int, data, cache_dir, device: str
     import numpy as np
     import torch
 
-    from histosr import features, metrics, train
+    from histosr import features, train
     from histosr.benchmark.p2 import read_section
     from histosr.geometry import pool_spots
-    from histosr.methods import get_method
-    from histosr.methods.base import _REGISTRY
+    from histosr.methods.base import get_method, method_class
+    from histosr.pp import select_genes
 
     if threads:
         torch.set_num_threads(threads)
     native = read_section(Path(data) if data else None, section)
     pooled, _ = pool_spots(native, 2)
-    genes = metrics.select_genes(native.counts.X, native.genes, 1000)
+    genes = select_genes(native, 1000)
     fm = features.compute(native, encoder="handcrafted", cache_dir=cache_dir, progress=False)
 
     stamps: list[float] = []
@@ -64,7 +64,7 @@ def measure(method: str, section: str, epochs: int, data, cache_dir, device: str
         return hist
 
     train.train_loop = timed_loop
-    cls = _REGISTRY[method] if method in _REGISTRY else type(get_method(method))
+    cls = method_class(method)
     defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.init}
     m = get_method(method, epochs=epochs, n_states=1, progress=False, device=device)
     t0 = time.perf_counter()

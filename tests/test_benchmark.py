@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 
 from histosr import benchmark
-from histosr.benchmark.common import grid_only_features, method_factory
-from histosr.benchmark.report import mean_over_sections, write_results
-from histosr.methods.base import Method
+from histosr.benchmark.common import method_factory
+from histosr.benchmark.results import mean_over_sections, write_results
+from histosr.features.featuremap import grid_only
+from histosr.methods.base import SuperpixelMethod
 from histosr.simulate import synthetic_visium
 
 SECTION_KEYS = {"top50_pcc", "top50_pcc_median", "hvg1000_pcc", "top50_within_pcc", "mae",
@@ -16,7 +17,7 @@ P4_KEYS = {"pcc", "ssim", "rmse", "shuffled_pcc", "shuffled_ssim", "shuffled_rms
 
 
 @dataclass
-class SpotMean(Method):
+class SpotMean(SuperpixelMethod):
     """Test stub: every superpixel gets the mean density of the spots (reads no features)."""
 
     name = "spot_mean_stub"
@@ -126,7 +127,7 @@ def test_report_helpers(tmp_path):
 
 
 def test_grid_only_features(tiny):
-    fm = grid_only_features(tiny)
+    fm = grid_only(tiny)
     assert fm.dim == 0 and fm.mask.shape == fm.grid.shape and fm.mask.any()
 
 

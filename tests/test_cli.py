@@ -20,7 +20,7 @@ def test_simulate_fit_predict_evaluate(tmp_path, capsys):
     assert main(["--quiet", "fit", str(sec), "--reader", "istar", "--features",
                  str(tmp_path / "f.zarr"), "--method", "istar", "--params",
                  '{"epochs": 30, "n_states": 1}', "--n-genes", "20", "--out", str(run)]) == 0
-    assert (run / "model" / "params.json").is_file()
+    assert (run / "model" / "model.json").is_file()
     assert main(["--quiet", "predict", str(sec), "--reader", "istar", "--features",
                  str(tmp_path / "f.zarr"), "--model", str(run / "model"), "--at", "spots",
                  "--out", str(tmp_path / "pred")]) == 0
@@ -32,6 +32,7 @@ def test_simulate_fit_predict_evaluate(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # consistency on the fitted spots: footprint sums reproduce the measured counts
     assert res["n_spots"] == pred.n_obs and res["pcc_mean"] > 0.99
+    assert res["in_sample"] is True and "consistency forces" in res["note"]
     assert np.isfinite(res["pcc_median"])
 
 
@@ -46,9 +47,13 @@ def test_benchmark_p4_cli_writes_results(tmp_path, capsys):
 
 
 def test_set_values_keep_words_as_strings():
-    from histosr.cli import _key_values
+    from histosr.config import ConfigError, apply_overrides, parse_assignments
 
-    assert _key_values(["context=off", "epochs=10", "rgb-pos=false", "hidden=[8,4]"]) == {
+    assert parse_assignments(["context=off", "epochs=10", "rgb-pos=false", "hidden=[8,4]"]) == {
         "context": "off", "epochs": 10, "rgb_pos": False, "hidden": [8, 4]}
-    with pytest.raises(SystemExit, match="KEY=VALUE"):
-        _key_values(["context"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_assignments(["context"])
+    cfg = apply_overrides({"method": {"name": "istar"}}, parse_assignments(
+        ["method.params.epochs=20", "genes.n_top=50", "method.consistency=false"]))
+    assert cfg == {"method": {"name": "istar", "params": {"epochs": 20}, "consistency": False},
+                   "genes": {"n_top": 50}}

@@ -75,5 +75,5 @@ def test_ddp_two_ranks_agree(tmp_path):
     first0, first1 = set(r0["epoch0"][:48].tolist()), set(r1["epoch0"][:48].tolist())
     assert not first0 & first1 and len(first0) == len(first1) == 48
     # only rank 0 writes the checkpoint
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["state-000.pkl"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["state-000.pt"]
     assert not train.is_main_process() or train.distributed_env() is None

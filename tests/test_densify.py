@@ -1,127 +1,94 @@
-"""High-density pseudo-spots on square, hexagonal, brick and pooled lattices."""
+"""Densified grids (HisHRST 4x / TriHRGE 8x positions): exact half steps on hex and square
+lattices, no duplicates, and the end-to-end `histosr densify` output."""
 
 import numpy as np
 import pytest
-from scipy.spatial import cKDTree
 
-from histosr.densify import hr_from_values, hr_pseudospots, infer_lattice
-from histosr.image import ArrayImage
-from histosr.section import Section, make_counts
-from histosr.simulate import pseudo_visium_centres
+from histosr.lattice import generation_positions, infer_lattice
 
 
-def _nn(xy):
-    d, _ = cKDTree(xy).query(xy, k=2)
-    return d[:, 1]
+def _hex(n_rows=6, n_cols=10, pitch=137.0):
+    """Visium-like: array_col steps by 2 along a row, odd rows shifted by one."""
+    ab = np.array([(c, r) for r in range(n_rows) for c in range(r % 2, 2 * n_cols, 2)])
+    xy = np.stack([100 + ab[:, 0] * pitch / 2, 80 + ab[:, 1] * pitch * np.sqrt(3) / 2], 1)
+    return xy, ab
 
 
-def _linear(xy):
-    return np.stack([xy[:, 0] / 100.0, 3.0 + xy[:, 1] / 50.0], axis=1)
+def _square(n=8, pitch=290.0):
+    ab = np.array([(a, b) for b in range(n) for a in range(n)])
+    return 50 + ab * pitch + np.array([3.0, 7.0]), ab
 
 
-def test_square_lattice_half_pitch_exact():
-    a, b = np.meshgrid(np.arange(5), np.arange(4))
-    xy = np.stack([a.ravel() * 200.0 + 30.5, b.ravel() * 200.0 + 50.25], axis=1)
-    hxy, hv, info = hr_from_values(xy, _linear(xy))
-    lat = info["lattice"]
-    assert not lat.checkerboard and lat.pitch == pytest.approx(200.0)
-    assert len(hxy) == 9 * 7  # (2*5 - 1) x (2*4 - 1): nothing outside the measured area
-    np.testing.assert_allclose(_nn(hxy), 100.0, rtol=1e-9)  # exact half pitch, float
-    # measured spots kept with their own position and value; bilinear = exact on a plane
-    m = info["measured"]
-    assert m.sum() == len(xy)
-    np.testing.assert_allclose(hxy[m], xy[info["spot"][m]])
-    np.testing.assert_allclose(hv, _linear(hxy), rtol=1e-5)
-
-
-def test_square_isolated_and_single_neighbour_positions_dropped():
-    a, b = np.meshgrid(np.arange(4), np.arange(4))
-    xy = np.stack([a.ravel() * 200.0, b.ravel() * 200.0], axis=1)
-    xy = np.concatenate([xy, [[1400.0, 1400.0]]])  # an isolated spot on the lattice
-    hxy, hv, info = hr_from_values(xy, np.ones((len(xy), 1)))
-    iso = np.linalg.norm(hxy - [1400.0, 1400.0], axis=1)
-    # the isolated spot is kept itself, but no interpolated position comes from it alone
-    assert (iso < 1e-6).sum() == 1 and (iso[iso > 1e-6] > 500).all()
-    assert len(hxy) == 7 * 7 + 1
-    assert (info["n_measured"][~info["measured"]] >= 2).all()
-
-
-def test_hex_visium_lattice_from_array_and_from_coordinates():
-    rows, cols = np.meshgrid(np.arange(6), np.arange(12), indexing="ij")
-    keep = (rows + cols) % 2 == 0  # Visium: array_col steps by 2 along a row
-    r, c = rows[keep], cols[keep]
-    xy = np.stack([c * 50.0 + 10.0, r * 50.0 * np.sqrt(3) + 20.0], axis=1)
-    hxy, hv, info = hr_from_values(xy, _linear(xy), np.stack([c, r], axis=1))
-    lat = info["lattice"]
-    assert lat.checkerboard and lat.source == "array"
-    assert lat.pitch == pytest.approx(100.0)
-    np.testing.assert_allclose(_nn(hxy), 50.0, rtol=1e-9)
-    assert info["measured"].sum() == len(xy)
-    np.testing.assert_allclose(hv, _linear(hxy), rtol=1e-5)
-    # every interpolated position is the midpoint of two measured spots 100 um apart
-    d, _ = cKDTree(xy).query(hxy[~info["measured"]], k=2)
-    np.testing.assert_allclose(d, 50.0, rtol=1e-9)
-    # ~4x the density inside; the same set when the lattice is inferred from coordinates
-    assert 3.0 < len(hxy) / len(xy) < 4.0
-    hxy2, _, info2 = hr_from_values(xy, _linear(xy))
-    assert info2["lattice"].source == "coordinates" and info2["lattice"].checkerboard
-    np.testing.assert_allclose(np.sort(hxy2, axis=0), np.sort(hxy, axis=0), atol=1e-6)
-
-
-def test_brick_pseudo_visium_lattice():
-    xy_um, arr = pseudo_visium_centres(1000.0, 800.0)
-    xy = xy_um / 0.5
-    hxy, _, info = hr_from_values(xy, np.ones((len(xy), 2)), arr[:, ::-1])
-    assert info["lattice"].checkerboard
-    # columns 100 um apart, spots 100 um apart in a column, odd columns offset 50 um:
-    # HR positions every 50 um down each column, and midway (x + 50 um, y + 25 um) on the
-    # diagonal edges between columns
-    um = hxy * 0.5
-    assert set(np.round(np.diff(np.unique(np.round(um[:, 0], 6))), 6)) == {50.0}
-    assert set(np.round(np.diff(np.unique(np.round(um[:, 1], 6))), 6)) == {25.0}
-    assert _nn(um).min() == pytest.approx(50.0)
-    hxy2, _, _ = hr_from_values(xy, np.ones((len(xy), 2)))
-    np.testing.assert_allclose(np.sort(hxy2, axis=0), np.sort(hxy, axis=0), atol=1e-6)
-
-
-def test_pooled_blocks_off_lattice_means():
-    """P2 pooled pseudo-spots: a 2x2-block lattice (array coords = block index), positions
-    the mean of the members - off the lattice for incomplete blocks."""
-    rng = np.random.default_rng(0)
-    a, b = np.meshgrid(np.arange(6), np.arange(5))
-    ab = np.stack([a.ravel(), b.ravel()], axis=1)
-    xy = ab * 400.0 + 100.0 + rng.normal(scale=2.0, size=ab.shape)
-    xy[[0, 7]] += [[-100.0, 0.0], [0.0, 100.0]]  # incomplete blocks
+@pytest.mark.parametrize("kind", ["hex", "square"])
+@pytest.mark.parametrize("factor", [4, 8])
+def test_positions_exact_half_steps(kind, factor):
+    xy, ab = _hex() if kind == "hex" else _square()
     lat, ab2 = infer_lattice(xy, ab)
-    assert not lat.checkerboard and lat.pitch == pytest.approx(400.0, rel=0.01)
-    hxy, _, info = hr_from_values(xy, np.ones((len(xy), 1)), ab)
-    q = ~info["measured"]
-    np.testing.assert_allclose(hxy[q], lat.xy(info["half_ab"][q] / 2.0))
-    np.testing.assert_allclose(hxy[~q], xy[info["spot"][~q]])
+    assert lat.checkerboard == (kind == "hex")
+    q, measured = generation_positions(lat, ab2, factor)
+    assert len({tuple(v) for v in q}) == len(q)  # no duplicates
+    assert measured.sum() == len(ab) and measured[: len(ab)].all()
+    np.testing.assert_array_equal(q[measured], 2 * ab)
+    gen = lat.xy(q[~measured] / 2.0)
+    # every generated point is the exact midpoint of two lattice sites (or a square-cell
+    # centre): its distance to the nearest lattice site is half the pitch or half a diagonal
+    E = np.array([(i, j) for i in (-1, 0, 1) for j in (-1, 0, 1)])
+    P = np.floor_divide(q[~measured], 2)[:, None, :] + E[None]  # nearby lattice indices
+    d = np.linalg.norm(gen[:, None] - lat.xy(P.reshape(-1, 2)).reshape(P.shape), axis=2)
+    d = np.where(lat.exists(P), d, np.inf).min(axis=1)  # to the nearest lattice site
+    p = lat.pitch
+    ok = np.isclose(d, p / 2, atol=1e-6 * p) | np.isclose(d, p / np.sqrt(2), atol=1e-6 * p)
+    assert ok.all()
+    if factor == 4:  # every site owns exactly 3 new positions: 4x the sites
+        assert len(q) == 4 * len(ab)
+    else:  # released 8x set without duplicates: the 4x set inside, padded at the edge
+        q4, _ = generation_positions(lat, ab2, 4)
+        lo, hi = 2 * ab2.min(axis=0) + 2, 2 * ab2.max(axis=0) - 2
+
+        def inner(v):
+            return {tuple(x) for x in v[((v >= lo) & (v <= hi)).all(axis=1)]}
+
+        assert inner(q) == inner(q4) and len(q) > len(q4)
 
 
-def test_hr_pseudospots_section():
-    rows, cols = np.meshgrid(np.arange(4), np.arange(8), indexing="ij")
-    keep = (rows + cols) % 2 == 0
-    r, c = rows[keep], cols[keep]
-    xy = np.stack([c * 50.0 + 60.0, r * 86.6 + 60.0], axis=1)  # 1 um/px
-    counts = np.stack([np.arange(len(xy)), np.full(len(xy), 2.0)], axis=1)
-    import pandas as pd
-
-    obs = pd.DataFrame({"array_row": r, "array_col": c})
-    sec = Section("hex", ArrayImage(np.full((500, 500, 3), 200, np.uint8)), 1.0,
-                  make_counts(counts, [f"s{i}" for i in range(len(xy))], ["a", "b"], xy,
-                              obs=obs), 55.0)
-    hr = hr_pseudospots(sec, genes=["b"])
-    assert list(hr.var_names) == ["b"] and hr.obsm["spatial"].dtype == np.float64
-    np.testing.assert_allclose(hr.X, 2.0)
-    assert hr.uns["densify"]["checkerboard"] and hr.uns["densify"]["source"] == "array"
-    meas = hr.obs["measured"].to_numpy()
-    assert sorted(hr.obs["spot"][meas]) == sorted(sec.counts.obs_names)
-    assert (hr.obs["spot"][~meas] == "").all()
+def test_hex_offsets_follow_dense_axis():
+    xy, ab = _hex()
+    lat, _ = infer_lattice(xy, ab)
+    q, m = generation_positions(lat, ab, 4)
+    # the first spot's +1 column copy sits half a pitch to its right
+    gen = lat.xy(q[~m] / 2.0)
+    target = xy[0] + np.array([lat.pitch / 2, 0.0])
+    assert np.isclose(np.linalg.norm(gen - target, axis=1).min(), 0.0, atol=1e-6)
+    # transposed brick lattice (dense along rows b): offsets transpose too
+    lat_t, ab_t = infer_lattice(xy[:, ::-1], ab[:, ::-1])
+    q_t, m_t = generation_positions(lat_t, ab_t, 4)
+    assert len(q_t) == len(q)
 
 
-def test_one_row_has_no_lattice():
-    xy = np.stack([np.arange(5) * 200.0, np.full(5, 50.0)], axis=1)
-    with pytest.raises(ValueError, match="two distinct"):
-        hr_from_values(xy, np.ones((5, 1)))
+def test_densify_cli(tmp_path):
+    torch = pytest.importorskip("torch")
+    from histosr import cli
+    from histosr.io.istar import write_istar
+    from histosr.simulate import synthetic_visium
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sec = synthetic_visium(seed=2, size_um=800, n_genes=8)
+        write_istar(sec, tmp_path / "sec")
+        g = sec.genes[:2]
+        rc = cli.main(["--quiet", "densify", str(tmp_path / "sec"), "--reader", "istar",
+                       "--method", "hishrst",
+                       "--factor", "4", "--genes", ",".join(g), "--params",
+                       '{"epochs": 2, "crop_um": 32}', "--out", str(tmp_path / "out")])
+    finally:
+        torch.set_num_threads(n)
+    assert rc == 0
+    import anndata as ad
+
+    d = ad.read_h5ad(tmp_path / "out" / "densified.h5ad")
+    assert (tmp_path / "out" / "densified.png").stat().st_size > 1000
+    assert d.obs["measured"].sum() == sec.n_spots
+    q = np.stack([d.obs["half_a"], d.obs["half_b"]], 1)
+    np.testing.assert_array_equal(np.stack([d.obs["array_col"], d.obs["array_row"]], 1), q / 2)
+    assert d.uns["densify"]["factor"] == 4 and d.obsm["spatial"].shape == (d.n_obs, 2)

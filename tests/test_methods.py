@@ -84,8 +84,8 @@ def test_registry():
 
 def test_istar_learns_beyond_nearest(syn):
     sec, fm, truth = syn
-    ist = get_method("istar", **{**FAST, "epochs": 80}).fit(sec, fm)
-    near = get_method("nearest").fit(sec, fm)
+    ist = get_method("istar", **{**FAST, "epochs": 80}).fit(sec, fm, genes="all")
+    near = get_method("nearest").fit(sec, fm, genes="all")
     a_i, a_n = ist.predict(sec, fm), near.predict(sec, fm)
     assert a_i.n_obs == H * H and list(a_i.var_names) == sec.genes
     t = _sp_truth(a_i, truth)
@@ -103,7 +103,7 @@ def test_istar_learns_beyond_nearest(syn):
 def test_consistency_preserves_spot_mass(syn, name):
     sec, fm, _ = syn
     params = {**FAST, "epochs": 5} if name == "istar" else {}
-    m = get_method(name, consistency=True, **params).fit(sec, fm)
+    m = get_method(name, consistency=True, **params).fit(sec, fm, genes="all")
     spots = m.predict(sec, fm, at="spots")
     np.testing.assert_allclose(spots.X, sec.dense_counts(), rtol=1e-4, atol=1e-3)
     assert spots.uns["histosr"]["consistency"] is True
@@ -112,7 +112,7 @@ def test_consistency_preserves_spot_mass(syn, name):
 def test_istar_seeds(syn):
     sec, fm, _ = syn
     cells = np.arange(0, H * H, 7)
-    p = [get_method("istar", **{**FAST, "epochs": 3}, seed=s).fit(sec, fm)
+    p = [get_method("istar", **{**FAST, "epochs": 3}, seed=s).fit(sec, fm, genes="all")
          ._predict_cells(sec, fm, cells) for s in (0, 0, 1)]
     np.testing.assert_array_equal(p[0], p[1])
     assert not np.allclose(p[0], p[2])
@@ -120,7 +120,7 @@ def test_istar_seeds(syn):
 
 def test_istar_median_of_states_and_save_load(syn, tmp_path):
     sec, fm, _ = syn
-    m = get_method("istar", **{**FAST, "epochs": 3, "n_states": 3}).fit(sec, fm)
+    m = get_method("istar", **{**FAST, "epochs": 3, "n_states": 3}).fit(sec, fm, genes="all")
     cells = np.arange(0, H * H, 5)
     per_state = m.state_predictions(fm, cells)
     assert per_state.shape == (3, len(cells), len(sec.genes))
@@ -129,7 +129,7 @@ def test_istar_median_of_states_and_save_load(syn, tmp_path):
     assert not np.allclose(per_state[0], per_state[1])
     m.save(tmp_path / "m")
     m2 = load_method(tmp_path / "m")
-    assert m2.params() == m.params()
+    assert m2.learned_params() == m.learned_params()
     np.testing.assert_array_equal(m2._predict_cells(sec, fm, cells), pred)
 
 
@@ -138,20 +138,20 @@ def test_istar_checkpoint_resume(syn, tmp_path, monkeypatch):
 
     sec, fm, _ = syn
     params = {**FAST, "epochs": 3, "n_states": 2, "checkpoint_dir": str(tmp_path / "ck")}
-    m = get_method("istar", **params).fit(sec, fm)
+    m = get_method("istar", **params).fit(sec, fm, genes="all")
     cells = np.arange(0, H * H, 9)
     ref = m._predict_cells(sec, fm, cells)
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["state-000.pkl",
-                                                                   "state-001.pkl"]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["state-000.pt",
+                                                                   "state-001.pt"]
 
     def boom(*a, **k):
         raise AssertionError("trained again")
 
     monkeypatch.setattr(train, "train_loop", boom)
-    again = get_method("istar", **params).fit(sec, fm)
+    again = get_method("istar", **params).fit(sec, fm, genes="all")
     np.testing.assert_array_equal(again._predict_cells(sec, fm, cells), ref)
     with pytest.raises(AssertionError, match="trained again"):  # other params: retrain
-        get_method("istar", **{**params, "lr": 2e-3}).fit(sec, fm)
+        get_method("istar", **{**params, "lr": 2e-3}).fit(sec, fm, genes="all")
 
 
 def test_istar_pooled_footprints_and_sections():
@@ -159,19 +159,19 @@ def test_istar_pooled_footprints_and_sections():
     assert sec.n_spots < 81 and len(sec.spot_footprints()[0]) > 1
     sec2, fm2, _ = make_synthetic(seed=1)
     m = get_method("istar", **{**FAST, "epochs": 2, "max_cells_per_spot": None}).fit(
-        [sec, sec2], [fm, fm2])
+        [sec, sec2], [fm, fm2], genes="all")
     assert m.n_train_spots_ == sec.n_spots + sec2.n_spots
     a = m.predict(sec, fm)
     assert np.isfinite(a.X).all() and (a.X >= 0).all()
-    with pytest.raises(ValueError, match="max_cells_per_spot"):
-        get_method("istar", **{**FAST, "max_cells_per_spot": 1}).fit(sec, fm)
+    with pytest.raises(ValueError, match="'max_cells_per_spot' parameter of istar must be an int >= 2"):
+        get_method("istar", **{**FAST, "max_cells_per_spot": 1})
 
 
 @pytest.mark.parametrize("pooled", [False, True])
 @pytest.mark.parametrize("name", ["nearest", "bilinear", "knn"])
 def test_baselines_reproduce_constant_field(name, pooled):
     sec, fm, _ = make_synthetic(pooled=pooled, constant=2.5)
-    a = get_method(name).fit(sec, fm).predict(sec, fm)
+    a = get_method(name).fit(sec, fm, genes="all").predict(sec, fm)
     assert a.n_obs == H * H
     np.testing.assert_allclose(a.X, 2.5, rtol=1e-6)
 
@@ -183,10 +183,10 @@ def test_knn_exact_at_spot_centres_and_nearest_inside_spot(syn):
     F = footprint_matrix(fm.grid, sec.spot_footprints(), DIAM)
     dens = sec.dense_counts() / np.diff(F.indptr)[:, None]
     for name in ("knn", "bilinear", "nearest"):
-        m = get_method(name).fit(sec, fm)
+        m = get_method(name).fit(sec, fm, genes="all")
         np.testing.assert_allclose(m._predict_cells(sec, fm, cells), dens, rtol=1e-5)
     # nearest is constant over each footprint
-    near = get_method("nearest").fit(sec, fm)
+    near = get_method("nearest").fit(sec, fm, genes="all")
     i = 10
     vals = near._predict_cells(sec, fm, F[i].indices)
     np.testing.assert_allclose(vals, np.broadcast_to(dens[i], vals.shape), rtol=1e-6)
@@ -195,10 +195,10 @@ def test_knn_exact_at_spot_centres_and_nearest_inside_spot(syn):
 def test_baselines_predict_other_section_from_its_own_spots(syn, tmp_path):
     sec, fm, _ = syn
     other, fm2, _ = make_synthetic(seed=3)
-    m = get_method("knn").fit(sec, fm)
+    m = get_method("knn").fit(sec, fm, genes="all")
     m.save(tmp_path / "knn")
     m2 = load_method(tmp_path / "knn")
-    fresh = get_method("knn").fit(other, fm2)
+    fresh = get_method("knn").fit(other, fm2, genes="all")
     cells = np.arange(0, H * H, 11)
     np.testing.assert_allclose(m2._predict_cells(other, fm2, cells),
                                fresh._predict_cells(other, fm2, cells), rtol=1e-6)

@@ -5,8 +5,9 @@ import pytest
 
 from _hespotex_data import sections
 from histosr import benchmark
-from histosr.benchmark.p3 import image_only_view, select_genes_pooled
+from histosr.benchmark.p3 import image_only_view
 from histosr.methods.hespotex import HESpotEx
+from histosr.pp import select_genes
 
 
 def test_image_only_view_hides_counts():
@@ -19,9 +20,9 @@ def test_image_only_view_hides_counts():
 
 def test_genes_from_training_sections_only():
     a, b, c = sections()[:3]
-    g = select_genes_pooled([a, b], 10)
+    g = select_genes([a, b], 10)
     assert len(g) == 10 and all(x in a.genes and x in b.genes for x in g)
-    assert g[:5] == select_genes_pooled([a, b], 5)  # top-n is a prefix (top50 of hvg1000)
+    assert g[:5] == select_genes([a, b], 5)  # top-n is a prefix (top50 of hvg1000)
 
 
 def test_p3_serial_equals_dask_and_writes_results(tmp_path):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from histosr.benchmark.common import grid_only_features
 from histosr.cells import aggregate_cells, polygon_weights
+from histosr.features.featuremap import grid_only
 from histosr.methods import get_method
 from histosr.simulate import synthetic_visium
 
@@ -15,7 +15,7 @@ from histosr.simulate import synthetic_visium
 @pytest.fixture(scope="module")
 def fitted():
     sec = synthetic_visium(seed=5, size_um=480.0, n_genes=6)
-    fm = grid_only_features(sec, np.asarray(sec.truth["mask"], bool))
+    fm = grid_only(sec, np.asarray(sec.truth["mask"], bool))
     m = get_method("bilinear").fit([sec], [fm])
     return sec, fm, m.predict(sec, fm, at="superpixels")
 
@@ -76,10 +76,11 @@ def test_spatialdata_write_read_zarr(fitted, tmp_path):
 
 def test_spatialdata_pipeline_flag(fitted, tmp_path):
     pytest.importorskip("spatialdata")
-    from histosr.pipeline import _merge
+    from histosr.config import validate
 
-    cfg = _merge({"section": {"reader": "istar", "path": "x"}, "outputs": {"spatialdata": True}})
-    assert cfg["outputs"]["spatialdata"] is True
+    cfg = validate({"section": {"reader": "istar", "path": "x"},
+                    "outputs": {"spatialdata": True}})
+    assert cfg.outputs.spatialdata is True
 
 
 def test_cells_polygons_and_labels_agree(fitted):

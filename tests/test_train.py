@@ -78,7 +78,7 @@ def test_fit_states_resumes_after_kill(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train.fit_states(dies_at_third, 4, seed=1, checkpoint_dir=tmp_path, key="k")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["state-000.pkl", "state-001.pkl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state-000.pt", "state-001.pt"]
 
     calls.clear()
     resumed = train.fit_states(lambda s: calls.append(s) or _fit_one(s), 4, seed=1,
@@ -123,8 +123,23 @@ def test_train_loop_learns_and_is_deterministic():
         train.make_optimizer(torch.nn.Linear(1, 1).parameters(), "lbfgs")
 
 
-def test_fingerprint():
+def test_digest():
+    import scipy.sparse as sp
+
+    from histosr.keys import digest, jsonable
+
     a = np.arange(6.0)
-    assert train.fingerprint({"a": 1}, a) == train.fingerprint({"a": 1}, a.copy())
-    assert train.fingerprint({"a": 1}, a) != train.fingerprint({"a": 2}, a)
-    assert train.fingerprint(a) != train.fingerprint(a.reshape(2, 3))
+    assert digest({"a": 1}, a) == digest({"a": 1}, a.copy())
+    assert digest({"a": 1}, a) != digest({"a": 2}, a)
+    assert digest(a) != digest(a.reshape(2, 3)) and digest(a) != digest(a.astype(np.float32))
+    assert digest(sp.csr_matrix(a.reshape(2, 3))) == digest(sp.csc_matrix(a.reshape(2, 3)))
+    assert jsonable({"x": np.float32(1.5), 2: (np.int64(3),)}) == {"x": 1.5, "2": [3]}
+
+
+def test_damaged_checkpoint_is_retrained(tmp_path):
+    train.fit_states(_fit_one, 1, seed=1, checkpoint_dir=tmp_path, key="k")
+    (tmp_path / "state-000.pt").write_bytes(b"garbage")  # truncated / foreign: not loaded
+    calls = []
+    train.fit_states(lambda s: calls.append(s) or _fit_one(s), 1, seed=1,
+                     checkpoint_dir=tmp_path, key="k")
+    assert calls == train.state_seeds(1, 1)

@@ -15,6 +15,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .arrays import dense
+from .errors import InputError
 from .geometry import SP_UM
 
 
@@ -62,7 +63,7 @@ def polygon_weights(polygons: Sequence[np.ndarray], grid_shape: tuple[int, int],
     for i, poly in enumerate(polygons):
         p = np.asarray(poly, dtype=np.float64)
         if p.ndim != 2 or p.shape[0] < 3 or p.shape[1] != 2 or not np.isfinite(p).all():
-            raise ValueError(f"polygon {i}: expected a finite (k >= 3, 2) array of (x, y) "
+            raise InputError(f"polygon {i}: expected a finite (k >= 3, 2) array of (x, y) "
                              f"vertices, got shape {p.shape}")
         # sample j (in sub units) sits at j + 0.5; draw.polygon tests integer points
         rr, cc = draw_polygon(p[:, 1] * sub - 0.5, p[:, 0] * sub - 0.5, shape=shape)
@@ -120,7 +121,7 @@ def label_weights(labels, sp_per_px: float, grid_shape: tuple[int, int],
         sums["sx"].append(np.bincount(inv, weights=cc + 0.5))
         sums["sy"].append(np.bincount(inv, weights=rr + y0 + 0.5))
     if not keys:
-        raise ValueError("the labels image holds no cell (all pixels are 0 = background)")
+        raise InputError("the labels image holds no cell (all pixels are 0 = background)")
     allk = np.concatenate(keys)
     allv = np.concatenate(vals).astype(np.float64) * px_area_sp
     ids, row = np.unique(allk // (H * W), return_inverse=True)
@@ -157,7 +158,7 @@ def _polygons_from(segmentation) -> tuple[list[np.ndarray], list[str]]:
         else:
             a = np.asarray(g, dtype=np.float64)
             if a.ndim != 2 or a.shape[1] != 2:
-                raise ValueError(f"cell {i}: expected a polygon or a (k, 2) array of (x, y) "
+                raise InputError(f"cell {i}: expected a polygon or a (k, 2) array of (x, y) "
                                  f"full-res px vertices, got shape {a.shape}")
             polys.append(a)
     return polys, ids
@@ -187,7 +188,7 @@ def aggregate_cells(pred, segmentation, *, um_per_px: float | None = None, sub: 
     uns = pred.uns.get("histosr", {})
     um = float(um_per_px if um_per_px is not None else uns.get("um_per_px", np.nan))
     if not np.isfinite(um) or um <= 0 or "grid_shape" not in uns:
-        raise ValueError("pred must be a superpixel prediction (uns['histosr'] with um_per_px "
+        raise InputError("pred must be a superpixel prediction (uns['histosr'] with um_per_px "
                          "and grid_shape, from predict(at='superpixels')); pass um_per_px= if "
                          "it lacks the pixel size")
     H, W = (int(v) for v in uns["grid_shape"])

@@ -1,63 +1,167 @@
-"""The ``histosr`` command line. User mistakes print one clear line, never a traceback."""
+"""The ``histosr`` command line.
+
+Error contract: a mistake in the input (data, files, options, config, model folder) prints
+one line ``histosr: error: ...`` naming command-line flags, and exits with status 2; any
+other exception is a bug in histosr, printed as such with how to get the traceback
+(``HISTOSR_DEBUG=1``), status 1. Warnings print as one line, ``--quiet`` silences progress.
+Method hyper-parameters and config keys are set one way on every verb: ``--set KEY=VALUE``
+(``--params JSON`` is kept as an alias).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
+import warnings
 from pathlib import Path
 
+from .errors import InputError
 
-def _section_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("section", nargs="?", help="data folder or file (Visium/ST/iStar folder, "
-                   "h5ad, her2st root with --name)")
-    p.add_argument("--reader", help="reader name (her2st, st, visium, visium_hd, istar, h5ad); "
-                   "default: detect from the layout")
-    p.add_argument("--name", help="section name inside a her2st-style root (e.g. C2)")
+#: the flags that say on the command line what a reader / encoder keyword says in Python
+CLI_WORDS = {"section": "--name", "sample_id": "--name", "name": "--name",
+             "um_per_px": "--um-per-px", "image": "--image", "bin_size": "--bin-size",
+             "platform": "--reader", "weights": "--weights", "hub": "--hub",
+             "format": "--format", "genes": "--genes"}
+
+
+def cli_words(msg: str) -> str:
+    """A message phrased for the command line: ``pass um_per_px=`` -> ``pass
+    --um-per-px``; a reader option without its own flag -> ``--reader-option KEY=VALUE``."""
+    def flag(m):
+        word, key, value = m.group(1), m.group(2), m.group(3) or ""
+        if key == "hub" and value.startswith("True"):
+            return f"{word} --hub"
+        if key in CLI_WORDS:
+            return f"{word} {CLI_WORDS[key]} {value}".rstrip()
+        return f"{word} --reader-option {key}={value}".rstrip()
+
+    return re.sub(r"\b([Pp]ass) ([a-z_]+)=(\S*)", flag, msg)
+
+
+# -- sections ------------------------------------------------------------------------------
+def _section_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("section", nargs=None if required else "?",
+                   help="data folder or file (Space Ranger outs, Visium HD bin folder, Xenium, "
+                   "ST, iStar, HEST, SpatialData, h5ad, or a her2st root with --name)")
+    p.add_argument("--reader", help="reader name (her2st, st, visium, visium_hd, xenium, istar, "
+                   "hest, h5ad, spatialdata, simulated); default: detect from the layout")
+    p.add_argument("--name", help="section inside a multi-section folder (her2st: C2; HEST: the "
+                   "sample id)")
     p.add_argument("--image", help="full-resolution image (overrides the one in the folder)")
     p.add_argument("--um-per-px", type=float, help="microns per full-resolution pixel")
+    p.add_argument("--bin-size", help="Visium HD bin size: 2, 8 or 16 (um)")
+    p.add_argument("--reader-option", action="append", metavar="KEY=VALUE", default=[],
+                   help="any other reader option, repeatable (e.g. counts_file=raw.h5)")
 
 
-def _read(args):
-    from .pipeline import read_section
+def _section_spec(args, name: str | None = None) -> dict:
+    from .config import parse_assignments
+    from .io import detect_platform
 
     if args.section is None:
-        raise ValueError("expected a data folder or file (the SECTION argument); `predict` "
+        raise InputError("expected a data folder or file (the SECTION argument); `predict` "
                          "also accepts --image SLIDE --um-per-px X alone (H&E-only models)")
-    spec = {"path": args.section}
-    if args.reader:
-        spec["reader"] = args.reader
-    if args.name:
-        spec["name"] = args.name
-    if args.image:
-        spec["image"] = args.image
-    if args.um_per_px:
-        spec["um_per_px"] = args.um_per_px
-    return read_section(spec)
+    spec: dict = {"path": args.section, **parse_assignments(args.reader_option)}
+    reader = args.reader or detect_platform(args.section)
+    spec["reader"] = reader
+    name = name if name is not None else args.name
+    if name:
+        spec["sample_id" if reader == "hest" else "name"] = name
+    for key, val in (("image", args.image), ("um_per_px", args.um_per_px),
+                     ("bin_size", args.bin_size)):
+        if val is not None:
+            spec[key] = val
+    return spec
 
 
+def _read(args, name: str | None = None):
+    from .pipeline import read_section
+
+    return read_section(_section_spec(args, name))
+
+
+def _read_all(args) -> list:
+    """Every section named: ``--name C2,C3,C4`` in a multi-section folder and/or
+    ``--add-section PATH`` (repeatable)."""
+    from .pipeline import read_section
+
+    names = args.name.split(",") if args.name else [None]
+    sections = [_read(args, n) for n in names]
+    for path in getattr(args, "add_section", None) or []:
+        spec = {"path": path, **({"reader": args.reader} if args.reader else {})}
+        sections.append(read_section(spec))
+    return sections
+
+
+def _method_params(args) -> dict:
+    """Hyper-parameters from ``--params JSON`` (alias) and ``--set KEY=VALUE``."""
+    from .config import parse_assignments
+
+    params = {}
+    if getattr(args, "params", None):
+        try:
+            params = json.loads(args.params)
+        except ValueError as e:
+            raise InputError(f"--params expects a JSON mapping, e.g. '{{\"epochs\": 100}}': {e}"
+                             ) from None
+        if not isinstance(params, dict):
+            raise InputError("--params expects a JSON mapping, e.g. '{\"epochs\": 100}'")
+    params.update(parse_assignments(getattr(args, "set", None)))
+    return params
+
+
+def _encoder_params(args) -> dict:
+    from .config import parse_assignments
+
+    kw = parse_assignments(getattr(args, "encoder_option", None))
+    if getattr(args, "weights", None):
+        kw["weights"] = args.weights
+    if getattr(args, "hub", False):
+        kw["hub"] = True
+    return kw
+
+
+def _features_for(args, section, out: Path):
+    """The FeatureMap of a section: ``--features F.zarr`` or computed (cached in out)."""
+    from . import features
+    from .features import FeatureMap
+
+    if getattr(args, "features", None):
+        return FeatureMap.load(args.features)
+    from .features.cache import cache_dir_for
+
+    return features.compute(section, encoder=args.encoder, cache_dir=cache_dir_for(out),
+                            progress=not args.quiet, **_encoder_params(args))
+
+
+def _genes_arg(args) -> list[str]:
+    return [g for g in (getattr(args, "genes", None) or "").split(",") if g]
+
+
+# -- verbs -------------------------------------------------------------------------------
 def cmd_run(args) -> int:
-    from .pipeline import ConfigError, load_config, run, run_many
+    from .config import apply_overrides, load, parse_assignments, validate
+    from .pipeline import run, run_many
+    from .train import is_main_process
 
-    configs = args.config if isinstance(args.config, list) else [args.config]
-    if len(configs) == 1 and not args.scheduler:
-        from .train import is_main_process
-
-        cfg = load_config(configs[0])
-        rep = run(cfg, out=args.out, progress=not args.quiet)
+    sets = parse_assignments(args.set)
+    cfgs = [apply_overrides(load(c), sets) for c in args.config]
+    if args.out:
+        if len(cfgs) > 1:
+            raise InputError("--out names one run folder: with several configs, set 'out' "
+                             "in each config")
+        cfgs[0]["out"] = args.out
+    for c in cfgs:  # every config is checked before anything runs
+        validate(c)
+    if len(cfgs) == 1 and not args.scheduler:
+        rep = run(cfgs[0], progress=not args.quiet)
         if is_main_process():  # under torchrun only rank 0 writes the report
             print(f"report: {rep.out_dir / 'report.html'}")
         return 0
-    if args.out:
-        if len(configs) > 1:
-            raise ConfigError("--out names one run folder: with several configs, set 'out' "
-                              "in each config")
-        cfg = load_config(configs[0])
-        cfg["out"] = args.out
-        configs = [cfg]
-    reps = run_many(configs, scheduler=args.scheduler, progress=False)
-    for rep in reps:
+    for rep in run_many(cfgs, scheduler=args.scheduler, progress=False):
         print(f"report: {rep.out_dir / 'report.html'}")
     return 0
 
@@ -72,101 +176,82 @@ def cmd_demo(args) -> int:
 
 def cmd_features(args) -> int:
     from . import features
+    from .features.registry import check_encoder
 
+    kw = check_encoder(args.encoder, **_encoder_params(args))  # before reading anything
     section = _read(args)
-    fm = features.compute(section, encoder=args.encoder, out=args.out,
-                          progress=not args.quiet,
-                          **({"scheduler": args.scheduler} if args.scheduler else {}))
+    fm = features.compute(section, encoder=args.encoder, out=args.out, progress=not args.quiet,
+                          **({"scheduler": args.scheduler} if args.scheduler else {}), **kw)
     print(json.dumps({"features": fm.path, "shape": list(fm.features.shape),
                       "tissue_superpixels": int(fm.mask.sum()), "encoder": fm.encoder}))
     return 0
 
 
-def _load_features(args, section):
-    from . import features
-    from .features import FeatureMap
-
-    if getattr(args, "features", None):
-        return FeatureMap.load(args.features)
-    return features.compute(section, encoder=args.encoder,
-                            cache_dir=Path(args.out) / "cache", progress=not args.quiet)
-
-
-def _is_spot_method(name: str) -> bool:
-    from .methods.base import _REGISTRY, available_methods
-
-    available_methods()
-    return getattr(_REGISTRY.get(name), "kind", "") == "spot"
-
-
-def _fit_spot(args) -> int:
-    """Spot-level methods (ridge, knn_features, hespotex, ...) read their own crop features
-    (no feature map) and fit on one or more sections: ``--name C2,C3,C4`` in a her2st-style
-    root and/or ``--add-section PATH`` (repeatable). Genes: the HEST rule (``--n-genes``) on
-    the pooled spots."""
-    from .benchmark.p3 import select_genes_pooled
-    from .methods.base import get_method
-    from .pipeline import read_section
-
-    sections = []
-    for name in (args.name.split(",") if args.name else [None]):
-        sections.append(_read(argparse.Namespace(**{**vars(args), "name": name})))
-    for path in args.add_section or []:
-        spec = {"path": path, **({"reader": args.reader} if args.reader else {})}
-        sections.append(read_section(spec))
-    params = json.loads(args.params) if args.params else {}
-    params.setdefault("seed", args.seed)
-    params.setdefault("encoder", args.encoder)
-    params.setdefault("cache_dir", str((Path(args.out) / "cache").resolve()))
-    method = get_method(args.method, **params)
-    method.fit(sections, genes=select_genes_pooled(sections, args.n_genes))
-    method.save(Path(args.out) / "model")
-    print(f"model: {Path(args.out) / 'model'} ({method.name} on "
-          f"{', '.join(s.name for s in sections)}, {len(method.genes_)} genes)")
-    return 0
-
-
 def cmd_fit(args) -> int:
-    from .methods.base import get_method
-    from .pipeline import choose_genes
+    from .methods.base import SPOT, get_method
+    from .pp import select_genes
 
-    if _is_spot_method(args.method):
-        return _fit_spot(args)
-    section = _read(args)
-    fm = _load_features(args, section)
-    params = json.loads(args.params) if args.params else {}
-    params["seed"] = args.seed
-    params["consistency"] = args.consistency
-    method = get_method(args.method, **params)
-    genes = choose_genes(section, args.n_genes)
-    method.fit([section], [fm], genes=genes)
-    method.save(Path(args.out) / "model")
-    print(f"model: {Path(args.out) / 'model'}")
+    params = {"seed": args.seed, **_method_params(args)}
+    method = get_method(args.method, **params)  # a bad name or value fails here, first
+    if method.kind == SPOT:
+        if "encoder" not in params:
+            method.set_params(encoder=args.encoder)
+        if method.cache_dir is None:
+            from .features.cache import cache_dir_for
+
+            method.cache_dir = str(cache_dir_for(args.out).resolve())
+    else:
+        method.set_params(consistency=args.consistency)
+        from .features.registry import check_encoder
+
+        check_encoder(args.encoder, **_encoder_params(args))
+    method.progress = not args.quiet
+    sections = _read_all(args)
+    from .pipeline import check_trainable
+
+    for s in sections:
+        check_trainable(s)
+    genes = select_genes(sections, args.n_genes, include=_genes_arg(args))
+    if not genes:
+        raise InputError("no gene is detected in at least 10% of the spots: name genes with "
+                         "--genes or check the counts")
+    features = None
+    if method.kind != SPOT:
+        features = [_features_for(args, s, Path(args.out)) for s in sections]
+    method.fit(sections, features, genes=genes)
+    path = method.save(Path(args.out) / "model")
+    print(f"model: {path} ({method.name} on {', '.join(s.name for s in sections)}, "
+          f"{len(method.genes_)} genes)")
     return 0
 
 
-def _predict_image(args) -> int:
+def _warn_unfitted(method, wanted: list[str]) -> list[str]:
+    have = [g for g in wanted if g in method.genes_]
+    missing = [g for g in wanted if g not in method.genes_]
+    if missing:
+        warnings.warn(f"the model was not fitted on {', '.join(missing)}: no preview for them "
+                      f"(fit with --genes {','.join(missing)} to include them)", stacklevel=2)
+    return have
+
+
+def _predict_image(args, method) -> int:
     """H&E-only prediction: a section built from ``--image`` alone (tissue mask, then a hex
-    spot lattice or the 8 um superpixels), predicted by a saved spot-level model."""
+    spot lattice or the 8 um superpixels), predicted by a saved image-only model."""
     from .image_only import section_from_image
-    from .methods.base import Method
     from .outputs import write_h5ad
     from .pl import previews
 
-    if not args.image or not args.um_per_px:
-        raise ValueError("predict needs a SECTION (data folder), or --image SLIDE together "
-                         "with --um-per-px X (microns per pixel) for an H&E-only prediction")
-    method = Method.load(args.model)
-    if getattr(method, "kind", "") != "spot":
-        raise ValueError(f"model {method.name!r} needs measured spots; prediction from an image "
-                         "alone needs a spot-level model (ridge, knn_features, hespotex): fit "
-                         "one with `histosr fit --method ridge ...`")
+    if not method.tags()["image_only"]:
+        raise InputError(f"model {method.name!r} needs measured spots of the section it "
+                         "predicts; prediction from an image alone needs an image-only model "
+                         "(ridge, knn_features, hespotex): fit one with "
+                         "`histosr fit --method ridge ...`")
     grid = args.grid or "spots"
     diameter = args.spot_diameter_um or getattr(method, "train_diameter_um_", None) or 55.0
     section = section_from_image(args.image, args.um_per_px, grid=grid,
                                  spot_diameter_um=diameter, pitch_um=args.pitch_um or 100.0,
                                  name=Path(args.image).stem)
-    pred = method.predict(section, at="spots")
+    pred = method.predict(section)
     info = dict(pred.uns["histosr"])
     info.update({"image": str(args.image), "um_per_px": float(args.um_per_px), "grid": grid,
                  "spot_diameter_um": float(diameter)})
@@ -179,56 +264,94 @@ def _predict_image(args) -> int:
     pred.uns["histosr"] = info
     out = Path(args.out)
     p = write_h5ad(pred, out / "prediction.h5ad")
-    if args.genes:
-        previews(pred, [g for g in args.genes.split(",") if g in pred.var_names],
-                 out / "previews", section=section)
+    show = _warn_unfitted(method, _genes_arg(args))
+    if show:
+        previews(pred, show, out / "previews", section=section)
     print(f"prediction: {p} ({pred.n_obs} {grid}, {pred.n_vars} genes)")
     return 0
 
 
 def cmd_predict(args) -> int:
-    from .methods.base import Method
+    from .methods.base import SUPERPIXEL, load_method
     from .outputs import write_h5ad, write_maps_from_anndata
     from .pl import previews
 
+    if args.section is None and not (args.image and args.um_per_px):
+        raise InputError("predict needs a SECTION (data folder), or --image SLIDE together "
+                         "with --um-per-px X (microns per pixel) for an H&E-only prediction")
+    method = load_method(args.model, progress=not args.quiet)  # a bad folder fails first
     if args.section is None:
-        return _predict_image(args)
+        return _predict_image(args, method)
     section = _read(args)
-    fm = _load_features(args, section)
-    method = Method.load(args.model)
-    pred = method.predict(section, fm, at=args.at)
+    at = args.at or method.target
+    fm = _features_for(args, section, Path(args.out)) if method.kind == SUPERPIXEL else None
+    pred = method.predict(section, fm, at=at)
+    if pred.uns["histosr"].get("in_sample"):
+        warnings.warn(f"section {section.name!r} is one the model was fitted on: this prediction "
+                      "is in-sample (use `histosr benchmark` for held-out scores)", stacklevel=2)
     out = Path(args.out)
     p = write_h5ad(pred, out / "prediction.h5ad")
-    if args.at == "superpixels":
+    if at == "superpixels":
         write_maps_from_anndata(pred, out / "maps.zarr")
-    if args.genes:
-        previews(pred, [g for g in args.genes.split(",") if g in pred.var_names],
-                 out / "previews", section=section)
+    show = _warn_unfitted(method, _genes_arg(args))
+    if show:
+        spots = section.counts[:, [g for g in show if g in section.counts.var_names]].copy()
+        previews(pred, show, out / "previews", section=section, spots=spots)
     print(f"prediction: {p}")
     return 0
 
 
-def cmd_evaluate(args) -> int:
-    import anndata as ad
+def evaluate_prediction(pred, section) -> dict:
+    """Per-gene PCC of a spot-level prediction against the section's measured spots, on the
+    BENCHMARKS scale: log1p CP10k with each spot's measured library (all genes). A
+    log1p CP10k prediction (spot methods) is compared as it is; a counts prediction
+    (footprint sums of a super-resolution method) is first scaled by the measured library."""
     import numpy as np
 
+    from .arrays import columns, row_sums
     from .metrics import log_cp10k, pcc_per_gene
 
-    pred = ad.read_h5ad(args.prediction)
-    section = _read(args)
-    common = [s for s in pred.obs_names if s in section.counts.obs_names]
-    if not common:
-        raise ValueError("the prediction's observations share no spot id with the section: "
-                         "predict with --at spots first")
+    info = dict(pred.uns.get("histosr", {}))
+    if "row" in pred.obs and "col" in pred.obs:
+        raise InputError("evaluate scores spot-level predictions: predict with --at spots (or "
+                         "take prediction_spots.h5ad of a run), not the 8 um superpixels")
+    ids = [s for s in pred.obs_names if s in section.counts.obs_names]
+    if not ids:
+        raise InputError("the prediction's observations share no spot id with the section: "
+                         "predict this section with --at spots first")
     genes = [g for g in pred.var_names if g in section.counts.var_names]
-    lib = section.dense_counts()[section.counts.obs_names.get_indexer(common)].sum(1, keepdims=True)
-    truth = log_cp10k(section.counts[common, genes].X.toarray()
-                      if hasattr(section.counts.X, "toarray") else
-                      np.asarray(section.counts[common, genes].X), lib)
-    est = log_cp10k(np.asarray(pred[common, genes].X, dtype=np.float64), lib)
+    if not genes:
+        raise InputError("the prediction shares no gene with the section")
+    rows = section.counts.obs_names.get_indexer(ids)
+    lib = row_sums(section.counts.X)[rows]
+    truth = log_cp10k(columns(section.counts[rows], genes), lib)
+    est = columns(pred[ids], genes)
+    scale = str(info.get("scale", ""))
+    if not scale.startswith("log1p"):
+        est = log_cp10k(est, lib)
     r = pcc_per_gene(est, truth)
-    print(json.dumps({"n_spots": len(common), "n_genes": len(genes),
-                      "pcc_mean": float(np.mean(r)), "pcc_median": float(np.median(r))}))
+    res = {"n_spots": len(ids), "n_genes": len(genes), "prediction_scale": scale or "counts",
+           "pcc_mean": float(np.mean(r)), "pcc_median": float(np.median(r)),
+           "in_sample": bool(info.get("in_sample", False))}
+    if res["in_sample"]:
+        res["note"] = ("in-sample: these spots were used to fit the model"
+                       + (", and consistency forces its footprint sums to equal the measured "
+                          "counts, so this score says nothing about accuracy"
+                          if info.get("consistency") else "")
+                       + "; use `histosr benchmark` for held-out scores")
+    return res
+
+
+def cmd_evaluate(args) -> int:
+    import anndata as ad
+
+    p = Path(args.prediction)
+    if not p.is_file():
+        raise InputError(f"prediction file not found: {p}")
+    res = evaluate_prediction(ad.read_h5ad(p), _read(args))
+    if res.get("note"):
+        warnings.warn(res["note"], stacklevel=2)
+    print(json.dumps(res))
     return 0
 
 
@@ -236,10 +359,11 @@ def cmd_benchmark(args) -> int:
     from . import benchmark
 
     method = args.method
-    if args.set:  # method hyper-parameters (ablations): a configured instance is the template
+    params = _method_params(args)
+    if params:  # hyper-parameters (ablations): a configured instance is the template
         from .methods import get_method
 
-        method = get_method(args.method, seed=args.seed, **_key_values(args.set))
+        method = get_method(args.method, seed=args.seed, **params)
     res = benchmark.run(
         args.protocol, method=method, encoder=args.encoder, data=args.data,
         sections=args.sections.split(",") if args.sections else None, epochs=args.epochs,
@@ -252,31 +376,15 @@ def cmd_benchmark(args) -> int:
     return 0
 
 
-def _key_values(items: list[str]) -> dict:
-    """``["context=off", "epochs=10"]`` -> ``{"context": "off", "epochs": 10}``: JSON values
-    (numbers, true/false, null, lists), anything else a string (so ``off`` stays ``"off"``,
-    which YAML would turn into False)."""
-    out = {}
-    for item in items:
-        key, sep, val = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            value = json.loads(val)
-        except ValueError:
-            value = val
-        out[key.strip().replace("-", "_")] = value
-    return out
-
-
 def cmd_densify(args) -> int:
-    from .generate import densify_section, write_densified
+    from .densify import densify_section, write_densified
+    from .methods import get_method
 
+    method = get_method(args.method, seed=args.seed, **_method_params(args))
+    method.progress = not args.quiet
     section = _read(args)
-    genes = [g for g in (args.genes or "").split(",") if g]
-    params = json.loads(args.params) if args.params else {}
-    dense, _ = densify_section(section, args.method, args.factor, genes=genes,
-                               n_genes=args.n_genes, seed=args.seed, params=params)
+    genes = _genes_arg(args)
+    dense, _ = densify_section(section, method, args.factor, genes=genes, n_genes=args.n_genes)
     paths = write_densified(dense, section, args.out, genes)
     print(json.dumps({"n_measured": int(dense.obs["measured"].sum()),
                       "n_generated": int((~dense.obs["measured"]).sum()),
@@ -285,8 +393,7 @@ def cmd_densify(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from .simulate import synthetic_visium
-    from .truth import simulate_from, write_simulated
+    from .simulate import simulate_from, synthetic_visium, write_simulated
 
     if args.source:
         kw = {k: v for k, v in (("image", args.image), ("um_per_px", args.um_per_px)) if v}
@@ -310,14 +417,14 @@ def cmd_doctor(args) -> int:
 
     from . import __version__
     from .features import available_encoders
-    from .methods.base import available_methods
+    from .methods.base import available_methods, method_class
 
     info = {
         "histosr": __version__, "python": platform.python_version(), "torch": torch.__version__,
         "cuda": torch.cuda.is_available(),
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "cpu_threads": torch.get_num_threads(), "encoders": available_encoders(),
-        "methods": available_methods(),
+        "methods": [f"{m} ({method_class(m).kind})" for m in available_methods()],
     }
     if torch.cuda.is_available():
         info["cuda_bf16"] = torch.cuda.is_bf16_supported()
@@ -345,8 +452,24 @@ def cmd_doctor(args) -> int:
     return 0
 
 
+# -- parser --------------------------------------------------------------------------------
+def _set_arg(p, what: str) -> None:
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help=f"{what}, repeatable; values are JSON (numbers, true/false, lists) or "
+                   "text")
+
+
+def _encoder_args(p) -> None:
+    p.add_argument("--encoder", default="handcrafted", help="encoder registry name")
+    p.add_argument("--weights", help="encoder weights file or folder (never downloaded)")
+    p.add_argument("--hub", action="store_true",
+                   help="let the encoder fetch its weights from the model hub (HF_TOKEN)")
+    p.add_argument("--encoder-option", action="append", metavar="KEY=VALUE", default=[],
+                   help="other encoder parameter, repeatable (e.g. batch_size=32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="histosr", description=__doc__)
+    p = argparse.ArgumentParser(prog="histosr", description=__doc__.split("\n\n")[0])
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -355,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="run folder (default: the config's 'out')")
     s.add_argument("--scheduler", help="Dask: 'local' (LocalCluster) or a scheduler address; "
                    "each config's run is one task")
+    _set_arg(s, "config key, dotted (e.g. method.params.epochs=20, genes.n_top=200)")
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("demo", help="complete run on a synthetic section, with a report")
@@ -364,39 +488,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("features", help="compute a feature map (zarr)")
     _section_args(s)
-    s.add_argument("--encoder", default="handcrafted")
+    _encoder_args(s)
     s.add_argument("--out", required=True, help="output zarr folder")
     s.add_argument("--scheduler", help="Dask: 'local' (LocalCluster) or a scheduler address; "
                    "bands of tiles are encoded on the workers")
     s.set_defaults(fn=cmd_features)
 
-    for name, fn, hlp in (("fit", cmd_fit, "fit a method on a section"),
-                          ("predict", cmd_predict, "predict with a fitted model")):
-        s = sub.add_parser(name, help=hlp)
-        _section_args(s)
-        s.add_argument("--encoder", default="handcrafted")
-        s.add_argument("--features", help="feature map zarr (default: compute and cache)")
-        s.add_argument("--out", required=True)
-        s.set_defaults(fn=fn)
-    fit = sub.choices["fit"]
-    fit.add_argument("--method", default="istar")
-    fit.add_argument("--params", help='JSON hyper-parameters, e.g. \'{"epochs": 100}\'')
-    fit.add_argument("--n-genes", type=int, default=1000)
-    fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--consistency", action=argparse.BooleanOptionalAction, default=True)
-    fit.add_argument("--add-section", action="append", metavar="PATH",
-                     help="another training section (spot-level methods; repeatable)")
-    pr = sub.choices["predict"]
-    pr.add_argument("--model", required=True, help="model folder written by `histosr fit`")
-    pr.add_argument("--at", default="superpixels", choices=["superpixels", "spots"])
-    pr.add_argument("--genes", help="comma-separated genes for PNG previews")
-    pr.add_argument("--grid", choices=["spots", "superpixels"],
-                    help="with --image and no SECTION: predict at a hex spot lattice over the "
-                    "tissue (default) or at every 8 um tissue superpixel")
-    pr.add_argument("--spot-diameter-um", type=float,
-                    help="with --image alone: spot diameter (default: the model's training spots)")
-    pr.add_argument("--pitch-um", type=float,
-                    help="with --image alone: spot lattice pitch in um (default 100)")
+    s = sub.add_parser("fit", help="fit a method on one or more sections")
+    _section_args(s)
+    _encoder_args(s)
+    s.add_argument("--features", help="feature map zarr (default: compute and cache)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--method", default="istar")
+    _set_arg(s, "method hyper-parameter (e.g. epochs=100)")
+    s.add_argument("--params", help='JSON hyper-parameters (alias of --set), e.g. '
+                   '\'{"epochs": 100}\'')
+    s.add_argument("--n-genes", type=int, default=1000,
+                   help="the N most variable genes (HEST rule) are fitted")
+    s.add_argument("--genes", help="comma-separated genes that are always fitted (when measured)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--consistency", action=argparse.BooleanOptionalAction, default=True,
+                   help="mass-preserving consistency (super-resolution methods)")
+    s.add_argument("--add-section", action="append", metavar="PATH",
+                   help="another training section (repeatable)")
+    s.set_defaults(fn=cmd_fit)
+
+    s = sub.add_parser("predict", help="predict with a fitted model")
+    _section_args(s)
+    _encoder_args(s)
+    s.add_argument("--features", help="feature map zarr (default: compute and cache)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--model", required=True, help="model folder written by `histosr fit`")
+    s.add_argument("--at", choices=["superpixels", "spots"],
+                   help="where to predict (default: the method's natural target)")
+    s.add_argument("--genes", help="comma-separated genes for PNG previews")
+    s.add_argument("--grid", choices=["spots", "superpixels"],
+                   help="with --image and no SECTION: predict at a hex spot lattice over the "
+                   "tissue (default) or at every 8 um tissue superpixel")
+    s.add_argument("--spot-diameter-um", type=float,
+                   help="with --image alone: spot diameter (default: the model's training spots)")
+    s.add_argument("--pitch-um", type=float,
+                   help="with --image alone: spot lattice pitch in um (default 100)")
+    s.set_defaults(fn=cmd_predict)
 
     s = sub.add_parser("evaluate", help="score a spot-level prediction against a section")
     _section_args(s)
@@ -413,8 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-states", type=int)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--consistency", action=argparse.BooleanOptionalAction, default=True)
-    s.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="method hyper-parameter, repeatable (e.g. --set context=off)")
+    _set_arg(s, "method hyper-parameter (e.g. context=off)")
+    s.add_argument("--params", help="JSON hyper-parameters (alias of --set)")
     s.add_argument("--scheduler", help="Dask: 'local' (LocalCluster) or a scheduler address; "
                    "protocols with independent folds (p3) run them in parallel")
     s.add_argument("--out", required=True)
@@ -425,9 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
     _section_args(s)
     s.add_argument("--method", default="hishrst")
     s.add_argument("--factor", type=int, default=4, choices=[4, 8])
-    s.add_argument("--genes", help="comma-separated genes to draw (densified.png)")
+    s.add_argument("--genes", help="comma-separated genes to draw (densified.png); always fitted")
     s.add_argument("--n-genes", type=int, default=1000, help="most variable genes fitted")
-    s.add_argument("--params", help='JSON hyper-parameters, e.g. \'{"epochs": 200}\'')
+    _set_arg(s, "method hyper-parameter (e.g. epochs=200)")
+    s.add_argument("--params", help="JSON hyper-parameters (alias of --set)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_densify)
@@ -453,21 +587,50 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .pipeline import ConfigError
-    from .section import SectionError
+# -- errors and warnings -------------------------------------------------------------------
+_USER_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # histosr's own warnings, one line each; the libraries' notices are for developers
+    # (HISTOSR_DEBUG=1 shows them)
+    if "histosr" not in str(filename) and not os.environ.get("HISTOSR_DEBUG"):
+        return
+    text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
+    print(f"histosr: warning: {cli_words(text)}", file=file or sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quiet:
         os.environ["TQDM_DISABLE"] = "1"
+    with warnings.catch_warnings():  # each call shows its own warnings, once
+        warnings.simplefilter("default")
+        warnings.showwarning = _show_warning
+        return _main(args)
+
+
+def _main(args) -> int:
     try:
         return int(args.fn(args) or 0)
-    except (SectionError, ConfigError, FileNotFoundError, ValueError, KeyError) as e:
+    except (InputError, *_USER_OS_ERRORS) as e:
         if os.environ.get("HISTOSR_DEBUG"):
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"histosr: error: {msg}", file=sys.stderr)
+        msg = str(e) if not isinstance(e, OSError) or not e.filename else \
+            f"{e.strerror or e}: {e.filename}"
+        print(f"histosr: error: {cli_words(msg)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("histosr: interrupted (a re-run resumes from the cache)", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - anything else is a bug, said so
+        if os.environ.get("HISTOSR_DEBUG"):
+            raise
+        print(f"histosr: internal error (a bug in histosr, not in your input): "
+              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
+              "Run again with HISTOSR_DEBUG=1 to see the traceback, and report it.",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import contextlib
 import os
 from collections.abc import Iterator
 
+from .errors import InputError
+
 
 def _require_distributed():
     try:
@@ -38,7 +40,7 @@ def local_workers() -> int:
     if env:
         n = int(env)
         if n < 1:
-            raise ValueError(f"$HISTOSR_DASK_WORKERS must be >= 1, got {env!r}")
+            raise InputError(f"$HISTOSR_DASK_WORKERS must be >= 1, got {env!r}")
         return n
     return max(1, min(4, os.cpu_count() or 1))
 
@@ -59,7 +61,7 @@ def dask_client(scheduler) -> Iterator:
             client.close()
         return
     if not isinstance(scheduler, str) or not scheduler:
-        raise ValueError(
+        raise InputError(
             f"scheduler must be 'local', a scheduler address ('tcp://HOST:8786'), a "
             f"distributed.Client or None, got {scheduler!r}"
         )

@@ -1,23 +1,34 @@
 """Mass-preserving consistency (soScope-style), shared by every super-resolution method.
 
 For each measured (pseudo-)spot and gene, the predicted counts summed over its footprint
-are rescaled to equal the measured counts. Each superpixel takes the factor of the spot
-owning the nearest footprint disk centre (inside a footprint that is the footprint's own
-spot), so the step streams block by block over a whole slide.
+are rescaled to equal the measured counts: a superpixel inside a footprint takes that
+footprint's factor (measured / predicted sum), so every footprint sum is exact.
+
+Between footprints the factor field is interpolated like the expression itself, not
+copied from the nearest spot (which tiles every map into spot-pitch blocks, an artefact):
+inverse-distance weighting (power 2) over the ``K_SPOTS`` nearest footprints, the distance
+measured to each footprint's nearest disk EDGE, so the field meets each footprint's own
+factor at its border and is continuous everywhere. Everything is local to a block of
+superpixels, so the step streams over a whole slide.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.spatial import cKDTree
 
-from .geometry import Grid, nearest_spot, section_footprints
+from .geometry import SP_PX, Grid, section_footprints
 
 # Added to every superpixel's prediction before scaling (relative to the mean predicted
 # value per superpixel): a spot whose prediction is all zero still receives its measured
 # mass, spread evenly, instead of losing it.
 FLOOR = 1e-3
+#: footprints whose factors are interpolated between footprints
+K_SPOTS = 6
+#: inverse-distance power (Shepard's choice: continuous, nearest dominate)
+POWER = 2.0
 
 
 @dataclass
@@ -26,6 +37,10 @@ class ConsistencyScaler:
     footprints: list
     factors: np.ndarray  # (n_spots, G)
     floor: np.ndarray  # (G,)
+    diameter_um: float | None = None
+    inside: np.ndarray | None = None  # sorted flat cells covered by a footprint
+    _tree: cKDTree | None = field(default=None, init=False, repr=False)
+    _owner: np.ndarray | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_method(cls, method, section, features) -> ConsistencyScaler:
@@ -34,18 +49,73 @@ class ConsistencyScaler:
         cells = np.unique(F.indices)
         pred = np.asarray(method._predict_cells(section, features, cells), dtype=np.float64)
         measured = section.dense_counts(method.genes_)
-        return cls.fit(grid, section.spot_footprints(), F[:, cells], pred, measured)
+        return cls.fit(grid, section.spot_footprints(), F[:, cells], pred, measured,
+                       diameter_um=section.spot_diameter_um, inside=cells)
 
     @classmethod
-    def fit(cls, grid, footprints, F, pred, measured) -> ConsistencyScaler:
-        """``F`` (n_spots, n_cells) footprint matrix over the cells of ``pred`` (n_cells, G)."""
+    def fit(cls, grid, footprints, F, pred, measured, diameter_um: float | None = None,
+            inside: np.ndarray | None = None) -> ConsistencyScaler:
+        """``F`` (n_spots, n_cells) footprint matrix over the cells of ``pred`` (n_cells, G);
+        ``inside``: the flat indices of those cells (the footprints' union)."""
         mean = pred.mean(axis=0)
         # a gene predicted as zero everywhere gets a flat floor (any constant: it is rescaled)
         floor = np.where(mean > 1e-8, FLOOR * mean, 1.0)
         sums = np.asarray(F @ (pred + floor))
         factors = measured / np.maximum(sums, 1e-12)
-        return cls(grid, footprints, factors.astype(np.float32), floor.astype(np.float32))
+        return cls(grid, footprints, factors.astype(np.float32), floor.astype(np.float32),
+                   diameter_um, None if inside is None else np.sort(np.asarray(inside)))
+
+    def _disks(self):
+        if self._tree is None:
+            centres = np.concatenate(self.footprints)
+            self._owner = np.concatenate([np.full(len(f), i) for i, f in
+                                          enumerate(self.footprints)])
+            self._tree = cKDTree(centres)
+        return self._tree, self._owner
+
+    def field(self, flat_cells: np.ndarray) -> np.ndarray:
+        """(n_cells, G) scale factors at flat cells (see the module docstring)."""
+        tree, owner = self._disks()
+        flat_cells = np.asarray(flat_cells, dtype=np.int64)
+        r, c = self.grid.unflat(flat_cells)
+        xy = self.grid.xy_of_cells(r, c)
+        out = np.empty((len(flat_cells), self.factors.shape[1]), dtype=np.float32)
+        _, j = tree.query(xy)
+        own = owner[np.asarray(j).reshape(-1)]
+        inside = np.ones(len(flat_cells), bool) if self.inside is None or \
+            self.diameter_um is None else _member(self.inside, flat_cells)
+        out[inside] = self.factors[own[inside]]
+        if (~inside).any():
+            out[~inside] = self._between(xy[~inside], tree, owner)
+        return out
+
+    def _between(self, xy: np.ndarray, tree, owner) -> np.ndarray:
+        px_per_sp = SP_PX / self.grid.scale
+        radius = self.diameter_um / 2.0 / self.grid.um_per_px
+        k = int(min(len(owner), 4 * K_SPOTS))
+        d, j = tree.query(xy, k=k)
+        d, j = np.asarray(d).reshape(len(xy), k), np.asarray(j).reshape(len(xy), k)
+        spot = owner[j]
+        # each footprint counts once, at its nearest disk (queries come sorted by distance)
+        first = np.ones(spot.shape, bool)
+        for a in range(1, k):
+            first[:, a] = ~(spot[:, :a] == spot[:, a : a + 1]).any(axis=1)
+        rank = np.cumsum(first, axis=1)
+        use = first & (rank <= K_SPOTS)
+        edge = np.maximum(d - radius, 0.0) + 0.5 * px_per_sp
+        w = np.where(use, edge ** -POWER, 0.0)
+        w /= w.sum(axis=1, keepdims=True)
+        out = np.zeros((len(xy), self.factors.shape[1]), dtype=np.float64)
+        for a in range(k):
+            if use[:, a].any():
+                out += w[:, a, None] * self.factors[spot[:, a]]
+        return out.astype(np.float32)
 
     def apply(self, values: np.ndarray, flat_cells: np.ndarray) -> np.ndarray:
-        owner = nearest_spot(self.grid, self.footprints, flat_cells)
-        return ((values + self.floor) * self.factors[owner]).astype(np.float32)
+        return ((values + self.floor) * self.field(flat_cells)).astype(np.float32)
+
+
+def _member(sorted_cells: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    i = np.searchsorted(sorted_cells, cells)
+    i = np.minimum(i, len(sorted_cells) - 1)
+    return sorted_cells[i] == cells if len(sorted_cells) else np.zeros(len(cells), bool)

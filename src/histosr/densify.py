@@ -1,324 +1,137 @@
-"""Densified spot grids: high-density ("HR") pseudo-spots on the spot lattice.
+"""Generation: densified spot grids predicted by a spot method (HisHRST 4x, TriHRGE 8x).
 
-HISTEX and DeepHEx (METHODS.md 2.1 "High-density pseudo-spots", 3.1) give their models the
-expression of pseudo-spots at half the spot pitch, interpolated from the measured spots
-alone (no image): the counts are gridded on the spot lattice by nearest neighbour, the grid
-is upsampled bilinearly x2, and an interpolated position is kept only when at least two
-measured spots are among its lattice neighbours. The result has about 4x the spot density.
-
-The lattice is described by :class:`Lattice`: integer indices ``(a, b)`` mapped affinely to
-full-resolution px, either a full square lattice (legacy ST, pooled pseudo-spots) or a
-checkerboard (only ``a + b`` of one parity occupied: Visium's hexagon, where ``array_col``
-steps by 2 along a row, and HISTEX's pseudo-Visium "brick" lattice). :func:`infer_lattice`
-reads it from ``obs["array_col"]``/``obs["array_row"]`` when present (an affine least-squares
-fit, robust to pooled pseudo-spots whose mean position is off the lattice) and otherwise
-from the coordinates, as DeepHEx does (``find_robust_step_and_offset``: median gap between
-the distinct x, resp. y, values; axis-aligned lattices only).
-
-Densification is exact on the lattice: the HR set is the lattice scaled by 1/2 (all
-midpoints of nearest-neighbour pairs, and for a square lattice also the cell centres), and
-an HR value is the mean of the gridded values at its nearest lattice points, which is what
-bilinear x2 interpolation with ``align_corners=True`` gives (edge midpoint: 2 endpoints;
-square-cell centre: 4 corners). Where histosr deliberately differs from the released code:
-
-(a) Positions are exact half-pitch float coordinates from the fitted lattice (HISTEX
-    hard-codes the pseudo-Visium layout, ``x = gx * 200 + 55``; DeepHEx infers it, but both
-    snap to integer px); measured spots keep their own position and their own counts
-    (``F.interpolate(..., align_corners=False)`` to ``2h - 1`` samples shifts every sample,
-    so measured positions get only approximately their own values).
-(b) Lattice positions without a measured spot keep the nearest-neighbour fill instead of
-    being zeroed, so HR values at the tissue edge are not diluted by zeros; they are never
-    output themselves.
-(c) Works on square, hexagonal and brick lattices in either orientation, not only on the
-    pseudo-Visium layout.
-(d) An interpolated position is kept when at least ``min_neighbours`` (2) of its nearest
-    lattice sites are measured AND it is the midpoint of two measured sites: a square-cell
-    centre with only two adjacent measured corners lies half a pitch outside the measured
-    area and would be an extrapolation, so it is dropped.
+:func:`densify_section` fits a spot-level method (``hishrst``, ``trihrge``, ...) on ALL
+measured spots of a section and predicts it at :func:`histosr.lattice.generation_positions`
+(the measured sites plus half-step offsets of the measured lattice). The result is an
+AnnData (one observation per position, X = log1p CP10k) with ``obsm["spatial"]`` (x =
+column, y = row full-res px), ``obs`` ``array_col``/``array_row`` (float lattice indices,
+half steps exact), ``half_a``/``half_b`` (the doubled integer indices), ``measured`` and
+``spot`` (id of the measured spot or ""). :func:`plot_densified` draws measured and
+generated spots side by side on one colour scale.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
-from scipy.spatial import cKDTree
 
-__all__ = ["Lattice", "infer_lattice", "hr_pseudospots", "hr_from_values",
-           "generation_positions", "GENERATION_OFFSETS"]
-
-
-@dataclass(frozen=True)
-class Lattice:
-    """Spot lattice: index ``(a, b)`` sits at ``origin + a * step_a + b * step_b`` (full-res
-    px, x then y). ``checkerboard``: only indices with ``(a + b) % 2 == parity`` exist."""
-
-    origin: tuple[float, float]
-    step_a: tuple[float, float]
-    step_b: tuple[float, float]
-    checkerboard: bool
-    parity: int = 0
-    source: str = "coordinates"
-
-    def xy(self, ab: np.ndarray) -> np.ndarray:
-        """Full-res (x, y) px of (possibly fractional) indices ``ab`` (n, 2)."""
-        ab = np.asarray(ab, dtype=np.float64).reshape(-1, 2)
-        M = np.array([self.step_a, self.step_b], dtype=np.float64)
-        return np.asarray(self.origin, dtype=np.float64) + ab @ M
-
-    def exists(self, ab: np.ndarray) -> np.ndarray:
-        """Whether integer indices ``ab`` (..., 2) are lattice sites."""
-        ab = np.asarray(ab)
-        if not self.checkerboard:
-            return np.ones(ab.shape[:-1], dtype=bool)
-        return (ab[..., 0] + ab[..., 1]) % 2 == self.parity
-
-    @property
-    def pitch(self) -> float:
-        """Nearest-neighbour distance between sites (px)."""
-        a, b = np.asarray(self.step_a), np.asarray(self.step_b)
-        if self.checkerboard:
-            cands = [2 * a, 2 * b, a + b, a - b]
-        else:
-            cands = [a, b]
-        return float(min(np.linalg.norm(c) for c in cands))
-
-    def as_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+from . import arrays
+from .arrays import gene_values
+from .errors import InputError
 
 
-def _axis_step(v: np.ndarray, tol: float) -> tuple[float, float]:
-    """Robust step and offset of 1-D positions lying on ``offset + k * step``: distinct
-    values are clusters separated by more than ``tol``; the step is the median gap between
-    consecutive clusters (DeepHEx ``find_robust_step_and_offset``), then refined by a least
-    squares fit of the positions to their rounded indices."""
-    s = np.sort(np.asarray(v, dtype=np.float64))
-    breaks = np.flatnonzero(np.diff(s) > tol)
-    groups = np.split(s, breaks + 1)
-    centres = np.array([g.mean() for g in groups])
-    gaps = np.diff(centres)
-    gaps = gaps[gaps > tol]
-    if len(gaps) == 0:
-        return float("nan"), float(centres[0])
-    step = float(np.median(gaps))
-    # a few missing columns give gaps of 2-3 steps: refine with the smallest-gap estimate
-    k = np.round((centres - centres[0]) / step)
-    A = np.stack([np.ones_like(k), k], axis=1)
-    (off, step), *_ = np.linalg.lstsq(A, centres, rcond=None)
-    return float(step), float(off)
+def densify_section(section, method: str = "hishrst", factor: int = 4,
+                    genes: list[str] | None = None, n_genes: int = 1000, seed: int = 0,
+                    params: dict | None = None):
+    """Fit ``method`` on every measured spot of ``section`` and predict the densified grid.
 
-
-def infer_lattice(xy: np.ndarray, array_ab: np.ndarray | None = None) -> tuple[Lattice, np.ndarray]:
-    """Infer the spot lattice; returns ``(lattice, ab)`` with ``ab`` the (n, 2) integer index of
-    each spot.
-
-    ``array_ab``: known integer lattice indices (``array_col``, ``array_row``), fitted
-    affinely to ``xy`` (outliers beyond a quarter pitch, e.g. pooled pseudo-spots of
-    incomplete blocks, are dropped from the fit). Without them the lattice is inferred from
-    the coordinates alone (axis-aligned: the distinct x and y values).
-    """
-    xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
-    if len(xy) < 2:
-        raise ValueError("densify needs at least 2 spots to infer the spot lattice")
-    if array_ab is not None:
-        ab = np.asarray(array_ab).astype(np.int64).reshape(-1, 2)
-        A = np.column_stack([np.ones(len(ab)), ab.astype(np.float64)])
-        if np.linalg.matrix_rank(A) < 3:
-            raise ValueError("array_row/array_col do not span two dimensions")
-        keep = np.ones(len(ab), dtype=bool)
-        for _ in range(2):
-            M, *_ = np.linalg.lstsq(A[keep], xy[keep], rcond=None)
-            res = np.linalg.norm(A @ M - xy, axis=1)
-            lat = _make(M[0], M[1], M[2], ab, "array")
-            keep = res <= 0.25 * lat.pitch
-            if keep.sum() < 3:
-                keep[:] = True
-                break
-        M, *_ = np.linalg.lstsq(A[keep], xy[keep], rcond=None)
-        return _make(M[0], M[1], M[2], ab, "array"), ab
-    d, _ = cKDTree(xy).query(xy, k=2)
-    tol = 0.2 * float(np.median(d[:, 1]))
-    sx, ox = _axis_step(xy[:, 0], tol)
-    sy, oy = _axis_step(xy[:, 1], tol)
-    if not np.isfinite(sx) or not np.isfinite(sy):
-        raise ValueError("densify: spots must span at least two distinct x and y positions")
-    ab = np.stack([np.round((xy[:, 0] - ox) / sx), np.round((xy[:, 1] - oy) / sy)],
-                  axis=1).astype(np.int64)
-    return _make((ox, oy), (sx, 0.0), (0.0, sy), ab, "coordinates"), ab
-
-
-def _make(origin, step_a, step_b, ab, source) -> Lattice:
-    par = (ab[:, 0] + ab[:, 1]) % 2
-    checker = bool(np.all(par == par[0]))
-    return Lattice(tuple(float(v) for v in origin), tuple(float(v) for v in step_a),
-                   tuple(float(v) for v in step_b), checker, int(par[0]) if checker else 0,
-                   source)
-
-
-def hr_from_values(xy: np.ndarray, values: np.ndarray, array_ab: np.ndarray | None = None,
-                   min_neighbours: int = 2):
-    """Densify per-spot ``values`` (n, G) at ``xy`` (n, 2) full-res px.
-
-    Returns ``(hr_xy, hr_values, info)``: HR positions (m, 2) float px, their values (m, G)
-    float32, and a dict of per-position arrays (``measured``: a measured spot, with its own
-    value and position; ``half_ab``: doubled lattice index; ``n_measured``: measured spots
-    among its nearest lattice sites; ``spot``: index of the measured spot or -1) plus the
-    ``lattice``.
-    """
-    xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
-    values = np.asarray(values, dtype=np.float64).reshape(len(xy), -1)
-    lat, ab = infer_lattice(xy, array_ab)
-    # one value per occupied site (two spots on one site: their mean)
-    sites, inv = np.unique(ab, axis=0, return_inverse=True)
-    inv = inv.ravel()
-    n_sites = len(sites)
-    site_val = np.zeros((n_sites, values.shape[1]))
-    np.add.at(site_val, inv, values)
-    cnt = np.bincount(inv, minlength=n_sites)
-    site_val /= cnt[:, None]
-    site_spot = np.full(n_sites, -1, dtype=np.int64)
-    site_spot[inv[::-1]] = np.arange(len(xy))[::-1]  # first spot of each site
-    site_xy = np.zeros((n_sites, 2))
-    np.add.at(site_xy, inv, xy)
-    site_xy /= cnt[:, None]
-    lo = sites.min(axis=0) - 2
-    table = np.full(tuple(sites.max(axis=0) - lo + 3), -1, dtype=np.int64)
-    table[sites[:, 0] - lo[0], sites[:, 1] - lo[1]] = np.arange(n_sites)
-
-    # candidate HR positions in doubled indices q: the measured sites and the midpoints
-    # towards every nearest-neighbour direction (and square-cell centres)
-    if lat.checkerboard:
-        D = np.array([(0, 0), (1, 1), (1, -1), (-1, 1), (-1, -1), (2, 0), (-2, 0), (0, 2),
-                      (0, -2)])
-    else:
-        D = np.array([(i, j) for i in (-1, 0, 1) for j in (-1, 0, 1)])
-    q = np.unique((2 * sites[:, None, :] + D[None]).reshape(-1, 2), axis=0)
-    # nearest lattice sites of each candidate: among the 3x3 sites around floor(q/2)
-    E = np.array([(i, j) for i in (-1, 0, 1) for j in (-1, 0, 1)])
-    P = np.floor_divide(q, 2)[:, None, :] + E[None]  # (nq, 9, 2)
-    exists = lat.exists(P)
-    M = np.array([lat.step_a, lat.step_b])
-    dist = np.linalg.norm((P - q[:, None, :] / 2.0) @ M, axis=2)
-    dist[~exists] = np.inf
-    dmin = dist.min(axis=1, keepdims=True)
-    near = dist <= dmin * 1.1 + 1e-9 * lat.pitch
-    site_idx = table[P[..., 0] - lo[0], P[..., 1] - lo[1]]
-    measured_near = near & (site_idx >= 0)
-    n_meas = measured_near.sum(axis=1)
-    on_site = dmin[:, 0] <= 1e-9 * lat.pitch
-    # interpolate, never extrapolate: the position must be the midpoint of two measured
-    # sites (an edge's two ends, or a diagonal of a square cell)
-    mirror = q[:, None, :] - P
-    mir_idx = table[np.clip(mirror[..., 0] - lo[0], 0, table.shape[0] - 1),
-                    np.clip(mirror[..., 1] - lo[1], 0, table.shape[1] - 1)]
-    between = (measured_near & (mir_idx >= 0)).any(axis=1)
-    keep = np.where(on_site, n_meas == 1, (n_meas >= min_neighbours) & between)
-    q, P, near, site_idx, n_meas, on_site = (q[keep], P[keep], near[keep], site_idx[keep],
-                                             n_meas[keep], on_site[keep])
-    # nearest-neighbour gridding: an unmeasured site takes its nearest measured site's value
-    tree = cKDTree(lat.xy(sites))
-    fill = site_idx.copy()
-    miss = near & (fill < 0)
-    if miss.any():
-        _, j = tree.query(lat.xy(P[miss]))
-        fill[miss] = j
-    w = near.astype(np.float64)
-    w /= w.sum(axis=1, keepdims=True)
-    hr_val = np.einsum("qk,qkg->qg", w, site_val[np.where(near, fill, 0)])
-    hr_xy = lat.xy(q / 2.0)
-    on = np.flatnonzero(on_site)
-    own = site_idx[on, near[on].argmax(axis=1)]  # on a site, its only nearest site
-    hr_xy[on] = site_xy[own]
-    hr_val[on] = site_val[own]
-    spot = np.full(len(q), -1, dtype=np.int64)
-    spot[on] = site_spot[own]
-    info = {"measured": on_site, "half_ab": q, "n_measured": n_meas, "spot": spot,
-            "lattice": lat}
-    return hr_xy, hr_val.astype(np.float32), info
-
-
-def hr_pseudospots(section, genes: list[str] | None = None, min_neighbours: int = 2):
-    """High-density pseudo-spots of a section's (pseudo-)spots: AnnData (HR spots x genes,
-    interpolated raw counts), ``obsm["spatial"]`` full-res (x, y) px (float, exact half
-    pitch), ``obs`` columns ``measured``, ``spot`` (id of the measured spot or ""),
-    ``half_a``/``half_b`` (lattice index x 2), ``n_measured`` (measured nearest lattice
-    sites); ``uns["densify"]`` the lattice. See the module docstring."""
+    Genes: the ``n_genes`` most variable (HEST rule, :func:`histosr.pp.select_genes`)
+    plus ``genes`` (those must be measured). Positions outside the image are dropped.
+    Returns ``(adata, fitted_method)``."""
     import anndata as ad
     import pandas as pd
 
-    genes = list(section.genes) if genes is None else list(genes)
-    obs = section.counts.obs
-    ab = None
-    if "array_row" in obs and "array_col" in obs:
-        ab = np.stack([obs["array_col"].to_numpy(), obs["array_row"].to_numpy()], axis=1)
-        if not np.all(np.isfinite(ab.astype(np.float64))) or np.any(ab != np.round(ab)):
-            ab = None
-    hr_xy, vals, info = hr_from_values(section.xy, section.dense_counts(genes), ab,
-                                       min_neighbours)
-    ids = np.asarray(section.counts.obs_names)
-    spot = info["spot"]
-    q = info["half_ab"]
-    hobs = pd.DataFrame(
-        {"measured": info["measured"],
-         "spot": np.where(spot >= 0, ids[np.maximum(spot, 0)], ""),
-         "half_a": q[:, 0], "half_b": q[:, 1], "n_measured": info["n_measured"]},
-        index=pd.Index([f"hr{a}_{b}" for a, b in q]))
-    out = ad.AnnData(X=vals, obs=hobs, var=pd.DataFrame(index=pd.Index(genes)))
-    out.obsm["spatial"] = hr_xy
-    out.uns["densify"] = {**info["lattice"].as_dict(), "section": section.name,
-                          "min_neighbours": int(min_neighbours)}
-    return out
+    from .lattice import generation_positions
+    from .methods import get_method
+    from .methods.base import SPOT
+    from .methods.spotnet import section_lattice
+    from .pp import select_genes
+
+    m = get_method(method, seed=seed, **(params or {})) if isinstance(method, str) else method
+    if m.kind != SPOT:
+        raise InputError(f"densify needs a spot-level method (hishrst, trihrge, ridge, ...): "
+                         f"{m.name!r} predicts superpixels")
+    want = list(genes or [])
+    missing = [g for g in want if g not in section.counts.var_names]
+    if missing:
+        raise InputError(f"genes not measured in section {section.name!r}: {missing}")
+    m.fit([section], genes=select_genes(section, n_genes, include=want))
+    lat, ab = section_lattice(section)
+    q, measured = generation_positions(lat, ab, factor)
+    xy = lat.xy(q / 2.0)
+    # measured sites keep their measured position (first spot of the site)
+    site_of = {tuple(2 * s): i for i, s in reversed(list(enumerate(ab)))}
+    spot_idx = np.array([site_of.get(tuple(s), -1) for s in q])
+    xy[measured] = section.xy[spot_idx[measured]]
+    h, w = section.image.shape[:2]
+    inside = (xy[:, 0] >= 0) & (xy[:, 0] < w) & (xy[:, 1] >= 0) & (xy[:, 1] < h)
+    q, measured, xy, spot_idx = q[inside], measured[inside], xy[inside], spot_idx[inside]
+    pred = m.predict(section, at=xy)
+    ids = np.asarray(section.counts.obs_names).astype(str)
+    obs = pd.DataFrame({
+        "array_col": q[:, 0] / 2.0, "array_row": q[:, 1] / 2.0,
+        "half_a": q[:, 0], "half_b": q[:, 1], "measured": measured,
+        "spot": np.where(spot_idx >= 0, ids[np.maximum(spot_idx, 0)], ""),
+    }, index=pd.Index([f"g{a}_{b}" for a, b in q]))
+    out = ad.AnnData(X=arrays.dense(pred.X, np.float32), obs=obs, var=pred.var.copy())
+    out.obsm["spatial"] = xy
+    out.uns["histosr"] = dict(pred.uns["histosr"])
+    out.uns["densify"] = {**lat.as_dict(), "section": section.name, "factor": int(factor),
+                          "n_measured": int(measured.sum()), "n_generated": int((~measured).sum())}
+    return out, m
 
 
-# -- generation positions of HisHRST (4x) and TriHRGE (8x) ----------------------------------
-# Offsets in lattice-index units (a = column index, b = row index) for a checkerboard lattice
-# whose dense axis is a (Visium: row neighbours at a +- 2), i.e. the released array-coordinate
-# offsets (METHODS 4.2, 5.1), and their square-lattice analogues (half steps).
-GENERATION_OFFSETS = {
-    ("checkerboard", 4): ((1, 0), (0.5, 0.5), (-0.5, 0.5)),
-    ("checkerboard", 8): ((1, 0), (0.5, 0.5), (-0.5, 0.5), (0.5, -0.5), (-0.5, -0.5), (-1, 0),
-                          (0, 1)),
-    ("square", 4): ((0.5, 0), (0, 0.5), (0.5, 0.5)),
-    ("square", 8): ((0.5, 0), (-0.5, 0), (0, 0.5), (0, -0.5), (0.5, 0.5), (-0.5, 0.5),
-                    (0.5, -0.5), (-0.5, -0.5)),
-}
+def plot_densified(dense, section, genes: list[str], path: str | Path) -> Path:
+    """PNG: per gene (rows), measured spots (log1p CP10k) and the densified prediction side
+    by side over the H&E, one colour scale per gene, markers sized to the spacing."""
+    from .metrics import log_cp10k
+    from .pl import _plt
+
+    plt = _plt()
+    genes = [g for g in genes if g in dense.var_names]
+    if not genes:
+        raise InputError("none of the requested genes is in the densified output")
+    lib = np.asarray(section.counts.X.sum(axis=1), dtype=np.float64).ravel()
+    meas = log_cp10k(section.dense_counts(genes), lib)
+    xy_m, xy_d = section.xy, np.asarray(dense.obsm["spatial"])
+    allxy = np.concatenate([xy_m, xy_d])
+    lo, hi = allxy.min(axis=0), allxy.max(axis=0)
+    pad = 0.08 * float((hi - lo).max())
+    x0, x1, y0, y1 = lo[0] - pad, hi[0] + pad, lo[1] - pad, hi[1] + pad
+    from .geometry import lattice_pitch
+
+    pitch = lattice_pitch(xy_m)
+    fig, axes = plt.subplots(len(genes), 2, figsize=(10, 4.8 * len(genes)), squeeze=False)
+    thumb = section.image.thumbnail(1024)
+    H, W = section.image.shape[:2]
+    for r, g in enumerate(genes):
+        pv = gene_values(dense, g)
+        vmin, vmax = np.percentile(np.concatenate([meas[:, r], pv]), [1, 99])
+        for c, (xy, v, d, title) in enumerate((
+                (xy_m, meas[:, r], pitch, f"{g}: measured spots ({len(xy_m)})"),
+                (xy_d, pv, pitch / 2.0, f"{g}: {dense.uns['histosr']['method']} "
+                 f"densified x{dense.uns['densify']['factor']} ({len(xy_d)})"))):
+            ax = axes[r, c]
+            ax.imshow(thumb, extent=(0, W, H, 0))
+            ax.set_xlim(x0, x1)
+            ax.set_ylim(y1, y0)
+            fig.canvas.draw()
+            # marker diameter ~ 0.95 x the spacing, in points
+            bbox = ax.get_window_extent()
+            pts = 0.95 * d * bbox.width / (x1 - x0) * 72.0 / fig.dpi
+            im = ax.scatter(xy[:, 0], xy[:, 1], c=v, s=pts ** 2, marker="o", cmap="magma",
+                            vmin=vmin, vmax=vmax, linewidths=0)
+            ax.set_title(title, fontsize=9)
+            ax.set_axis_off()
+            plt.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="log1p CP10k")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
-def generation_positions(lat: Lattice, ab: np.ndarray, factor: int = 4):
-    """Positions of the densified grid of HisHRST (``factor=4``) / TriHRGE (``factor=8``).
+def write_densified(dense, section, out_dir: str | Path, genes: list[str] | None = None) -> dict:
+    """Write ``out_dir/densified.h5ad`` and, with ``genes``, ``out_dir/densified.png``."""
+    from .outputs import write_h5ad
 
-    Every measured site ``ab`` (n, 2 integer lattice indices) plus its offset copies
-    (:data:`GENERATION_OFFSETS`; on a checkerboard lattice whose dense axis is b the
-    offsets are transposed), without duplicates. Returns ``(q, measured)``: ``q`` (m, 2)
-    integer DOUBLED lattice indices (position = ``lat.xy(q / 2)``, half steps exact) and
-    whether each is a measured site; measured sites first, in the order of ``ab``.
+    out_dir = Path(out_dir)
+    paths = {"h5ad": write_h5ad(dense, out_dir / "densified.h5ad")}
+    if genes:
+        paths["png"] = plot_densified(dense, section, genes, out_dir / "densified.png")
+    return paths
 
-    Where histosr deliberately differs from the released code: offsets are in lattice units
-    derived from the measured lattice (the released 68/34/60/120 px are DLPFC-pitch
-    specific), and duplicates are removed. On a full lattice the released 8x set then has
-    the same interior density as the 4x set (4 positions per site: every offset is an edge
-    midpoint shared by two sites, or a site); it differs at the tissue edge, where it pads
-    half a step on every side (the 4x set only towards +a / +b).
-    """
-    if factor not in (4, 8):
-        raise ValueError(f"generation factor must be 4 or 8, got {factor}")
-    ab = np.asarray(ab, dtype=np.int64).reshape(-1, 2)
-    kind = "checkerboard" if lat.checkerboard else "square"
-    off = np.asarray(GENERATION_OFFSETS[(kind, factor)], dtype=np.float64)
-    if lat.checkerboard:
-        a, b = np.asarray(lat.step_a), np.asarray(lat.step_b)
-        if np.linalg.norm(2 * b) < np.linalg.norm(2 * a):  # dense axis is b: transpose
-            off = off[:, ::-1]
-    first = np.unique(2 * ab, axis=0, return_index=True)[1]
-    sites = (2 * ab)[np.sort(first)]
-    cand = (sites[:, None, :] + np.round(2 * off).astype(np.int64)[None]).reshape(-1, 2)
-    have = {tuple(s) for s in sites}
-    extra, seen = [], set()
-    for c in map(tuple, cand):
-        if c not in have and c not in seen:
-            seen.add(c)
-            extra.append(c)
-    extra = np.asarray(extra, dtype=np.int64).reshape(-1, 2)
-    q = np.concatenate([sites, extra])
-    measured = np.concatenate([np.ones(len(sites), bool), np.zeros(len(extra), bool)])
-    return q, measured
+
+__all__ = ["densify_section", "plot_densified", "write_densified"]

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import InputError
+
 WHITE = 255
 
 
@@ -64,7 +66,7 @@ class ArrayImage(ImageSource):
         if a.ndim == 2:
             a = np.repeat(a[..., None], 3, axis=2)
         if a.ndim != 3 or a.shape[2] < 3:
-            raise ValueError(f"expected an (H, W, 3) RGB image, got shape {a.shape}")
+            raise InputError(f"expected an (H, W, 3) RGB image, got shape {a.shape}")
         if a.dtype != np.uint8:
             a = np.clip(a, 0, 255).astype(np.uint8)
         self.array = a[..., :3]
@@ -132,12 +134,20 @@ class FileImage(ImageSource):
         if self._tiff is not None:
             shp = self._tiff.shape
             if shp[0] in (3, 4) and shp[-1] not in (3, 4):  # planar CYX
-                raise ValueError(f"planar (C, Y, X) TIFFs are not supported: {self.path}")
+                raise InputError(f"planar (C, Y, X) TIFFs are not supported: {self.path}")
             self._shape = (shp[0], shp[1], 3)
         else:
+            from PIL import UnidentifiedImageError
+
             Image.MAX_IMAGE_PIXELS = None  # slides are large on purpose
-            with Image.open(self.path) as im:
-                self._shape = (im.height, im.width, 3)
+            try:
+                with Image.open(self.path) as im:
+                    self._shape = (im.height, im.width, 3)
+            except (UnidentifiedImageError, OSError) as e:
+                from .section import SectionError
+
+                raise SectionError(f"cannot read {self.path} as an image ({e}): expected a "
+                                   "JPEG, PNG or TIFF slide") from None
 
     @property
     def shape(self):

@@ -19,6 +19,8 @@ import math
 
 import numpy as np
 
+from .errors import InputError
+
 GRIDS = ("spots", "superpixels")
 
 
@@ -52,7 +54,7 @@ def hex_centres(width_px: int, height_px: int, um_per_px: float,
     """Hexagonal lattice over an image: (xy (n, 2) full-res px, (row, col) lattice indices).
     Rows are ``pitch * sqrt(3) / 2`` apart, odd rows shifted by half a pitch."""
     if pitch_um <= 0:
-        raise ValueError(f"pitch_um must be > 0, got {pitch_um}")
+        raise InputError(f"pitch_um must be > 0, got {pitch_um}")
     p = pitch_um / um_per_px
     dy = p * math.sqrt(3) / 2
     xs, ys, rr, cc = [], [], [], []
@@ -89,12 +91,12 @@ def section_from_image(image, um_per_px: float, grid: str = "spots",
     from .tissue import section_tissue_mask
 
     if grid not in GRIDS:
-        raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+        raise InputError(f"grid must be one of {GRIDS}, got {grid!r}")
     if not (0.1 <= float(um_per_px) <= 10.0):
         raise SectionError(f"pixel size {um_per_px!r} um/px is implausible: expected 0.1-10 "
                            "um/px (microns per pixel of the image)")
     if spot_diameter_um <= 0:
-        raise ValueError(f"spot_diameter_um must be > 0, got {spot_diameter_um}")
+        raise InputError(f"spot_diameter_um must be > 0, got {spot_diameter_um}")
     img = open_image(image)
     probe = Section(name=name, image=img, um_per_px=float(um_per_px),
                     counts=empty_counts([], np.zeros((0, 2))),
@@ -104,7 +106,7 @@ def section_from_image(image, um_per_px: float, grid: str = "spots",
         mask = section_tissue_mask(probe)
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != g.shape:
-        raise ValueError(f"tissue mask shape {mask.shape} does not match the image's 8 um grid "
+        raise InputError(f"tissue mask shape {mask.shape} does not match the image's 8 um grid "
                          f"{g.shape}")
     h, w = img.shape[:2]
     if grid == "spots":

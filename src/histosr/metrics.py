@@ -1,5 +1,5 @@
 """Scores: per-gene PCC / Spearman / RMSE across spots, MAE, MSE, SSIM and RMSE on 8 um
-maps, and the HEST gene-set rule. The only code that turns predictions into the numbers
+maps. The only code that turns predictions into the numbers
 of ``BENCHMARKS.md``.
 
 Matrices are (observations x genes): rows are spots or superpixels, columns genes. Maps are
@@ -9,7 +9,8 @@ Matrices are (observations x genes): rows are spots or superpixels, columns gene
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
+
+from .errors import InputError
 
 # relative spread below which a column counts as constant (float32 rounding is ~1e-7)
 _REL_TOL = 1e-6
@@ -32,7 +33,7 @@ def log_cp10k(counts, library_size=None) -> np.ndarray:
     x = _as_2d(counts)
     lib = x.sum(axis=1) if library_size is None else _dense(library_size).ravel()
     if lib.shape[0] != x.shape[0]:
-        raise ValueError(f"library_size has {lib.shape[0]} entries for {x.shape[0]} rows")
+        raise InputError(f"library_size has {lib.shape[0]} entries for {x.shape[0]} rows")
     scale = np.divide(1e4, lib, out=np.zeros_like(lib), where=lib > 0)
     return np.log1p(x * scale[:, None])
 
@@ -40,7 +41,7 @@ def log_cp10k(counts, library_size=None) -> np.ndarray:
 def _check_pair(pred, truth) -> tuple[np.ndarray, np.ndarray]:
     p, t = _as_2d(pred), _as_2d(truth)
     if p.shape != t.shape:
-        raise ValueError(f"prediction {p.shape} and truth {t.shape} differ in shape")
+        raise InputError(f"prediction {p.shape} and truth {t.shape} differ in shape")
     return p, t
 
 
@@ -95,7 +96,7 @@ def _maps(x, mask: np.ndarray) -> np.ndarray:
     if x.ndim == 2:
         x = x[..., None]
     if x.shape[:2] != mask.shape:
-        raise ValueError(f"maps {x.shape[:2]} and mask {mask.shape} differ in shape")
+        raise InputError(f"maps {x.shape[:2]} and mask {mask.shape} differ in shape")
     return x
 
 
@@ -127,9 +128,9 @@ def ssim_per_gene(pred_maps, truth_maps, mask) -> np.ndarray:
     p = normalise_maps(pred_maps, mask)
     t = normalise_maps(truth_maps, mask)
     if p.shape != t.shape:
-        raise ValueError(f"prediction maps {p.shape} and truth maps {t.shape} differ in shape")
+        raise InputError(f"prediction maps {p.shape} and truth maps {t.shape} differ in shape")
     if min(mask.shape) < 7:
-        raise ValueError(f"SSIM needs maps of at least 7x7 superpixels, got {mask.shape}")
+        raise InputError(f"SSIM needs maps of at least 7x7 superpixels, got {mask.shape}")
     return np.array([structural_similarity(t[..., g], p[..., g], data_range=1.0)
                      for g in range(p.shape[2])])
 
@@ -141,41 +142,13 @@ def rmse_maps(pred_maps, truth_maps, mask) -> np.ndarray:
     p = normalise_maps(pred_maps, mask)[mask]
     t = normalise_maps(truth_maps, mask)[mask]
     if p.shape != t.shape:
-        raise ValueError(f"prediction maps {p.shape} and truth maps {t.shape} differ in shape")
+        raise InputError(f"prediction maps {p.shape} and truth maps {t.shape} differ in shape")
     return rmse_per_gene(p, t)
-
-
-def select_genes(counts_matrix, genes, n: int, min_frac: float = 0.10) -> list[str]:
-    """The HEST gene-set rule (``top50`` with n=50, ``hvg1000`` with n=1000): genes with
-    count > 0 in at least ``min_frac`` of the reference spots, then the ``n`` with the
-    highest variance of log1p CP10k (library = each spot's total over all columns of
-    ``counts_matrix``, so pass every measured gene). Ties keep the input gene order. Fewer
-    than ``n`` genes are returned when fewer pass the filter."""
-    genes = [str(g) for g in genes]
-    is_sparse = sp.issparse(counts_matrix)
-    x = counts_matrix.tocsc() if is_sparse else np.asarray(counts_matrix, dtype=np.float64)
-    if x.shape[1] != len(genes):
-        raise ValueError(f"{x.shape[1]} columns but {len(genes)} gene names")
-    n_spots = x.shape[0]
-    if n_spots == 0:
-        return []
-    lib = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
-    if is_sparse:
-        frac = np.asarray((x > 0).sum(axis=0)).ravel() / n_spots
-    else:
-        frac = (x > 0).mean(axis=0)
-    keep = np.flatnonzero(frac >= min_frac)
-    if len(keep) == 0:
-        return []
-    sub = _dense(x[:, keep])
-    var = log_cp10k(sub, lib).var(axis=0)
-    order = np.argsort(-var, kind="stable")[:n]
-    return [genes[keep[i]] for i in order]
 
 
 __all__ = [
     "log_cp10k", "pcc_per_gene", "spearman_per_gene", "rmse_per_gene", "mae", "mse",
-    "normalise_maps", "ssim_per_gene", "rmse_maps", "select_genes",
+    "normalise_maps", "ssim_per_gene", "rmse_maps",
 ]
 
 
@@ -186,7 +159,7 @@ def pcc_within_groups(pred, truth, groups) -> np.ndarray:
     p, t = _check_pair(pred, truth)
     groups = np.asarray(groups)
     if groups.shape[0] != p.shape[0]:
-        raise ValueError(f"{groups.shape[0]} group labels for {p.shape[0]} rows")
+        raise InputError(f"{groups.shape[0]} group labels for {p.shape[0]} rows")
     _, inv, size = np.unique(groups, return_inverse=True, return_counts=True)
     inv = inv.ravel()
     keep = size[inv] >= 2

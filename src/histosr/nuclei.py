@@ -23,13 +23,12 @@ physical. Coordinates are full-resolution px, x = column, y = row.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from .errors import InputError
 from .geometry import TARGET_UM_PER_PX
 
 COUNTERS = ("classical", "cellpose")
@@ -48,7 +47,7 @@ def count_nuclei_classical(rgb: np.ndarray, um_per_px: float = TARGET_UM_PER_PX,
 
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] < 3:
-        raise ValueError(f"expected an RGB image (H, W, 3), got shape {rgb.shape}")
+        raise InputError(f"expected an RGB image (H, W, 3), got shape {rgb.shape}")
     h = ndi.gaussian_filter(rgb2hed(rgb[..., :3])[..., 0], sigma_um / um_per_px)
     if h.max() < min_od:
         return 0
@@ -116,22 +115,21 @@ def count_nuclei(section, centers=None, size_um: float | None = None,
     centred on ``centers`` (n, 2) full-res px (x, y; default the section's spots).
     ``counter``: ``"classical"`` or ``"cellpose"``; ``kwargs`` go to the counter. Cached in
     ``cache_dir`` (keyed by the image, centres, size and counter settings)."""
-    from .features.cache import array_digest, image_identity
+    from .features.cache import image_identity
     from .features.crops import read_crop
+    from .keys import digest
 
     if counter not in COUNTERS:
-        raise ValueError(f"counter must be one of {COUNTERS}, got {counter!r}")
+        raise InputError(f"counter must be one of {COUNTERS}, got {counter!r}")
     centers = section.xy if centers is None else np.asarray(centers, dtype=np.float64)
     centers = centers.reshape(-1, 2)
     size_um = float(size_um or section.spot_diameter_um)
     size_px = max(8, int(round(size_um / TARGET_UM_PER_PX)))
     path = None
     if cache_dir is not None:
-        key = hashlib.blake2b(json.dumps(
-            {"image": image_identity(section.image), "um": round(float(section.um_per_px), 9),
-             "centers": array_digest(centers), "size": size_px, "counter": counter,
-             "kw": kwargs, "v": 1}, sort_keys=True, default=str).encode(),
-            digest_size=12).hexdigest()
+        key = digest({"image": image_identity(section.image),
+                      "um": round(float(section.um_per_px), 9), "size": size_px,
+                      "counter": counter, "kw": kwargs, "v": 1}, centers, size=12)
         path = Path(cache_dir) / f"nuclei-{counter}-{key}.npy"
         if path.exists():
             return np.load(path)

@@ -1,167 +1,189 @@
-"""The whole pipeline from a config: read → features → fit → predict → outputs → report.
+"""The whole pipeline from a config: read -> features -> fit -> predict -> outputs -> report.
 
-Each stage caches its result in the run folder keyed by a hash of its inputs and
-parameters, so a killed run resumes and a changed parameter recomputes only what
-depends on it. Config example (YAML)::
+The config schema (every key, its default and its check) is :mod:`histosr.config`; it is
+validated as a whole - including the reader's options, the encoder's and the method's
+parameters - before any data is read. Each stage caches its result in the run folder keyed
+by a digest of its inputs and parameters, so a killed run resumes and a changed parameter
+recomputes only what depends on it.
 
-    section: {reader: her2st, path: ../shared/data/her2st, name: C2}
-    features: {encoder: handcrafted}
-    method: {name: istar, params: {epochs: 400, n_states: 5}, consistency: true}
-    genes: {n_top: 1000}
-    predict: {previews: [ERBB2, COL1A1]}
-    outputs: {spatialdata: true}   # optional: also write spatialdata.zarr
-    seed: 0
-    out: runs/C2
+Every registered method runs: super-resolution methods write the 8 um prediction
+(``prediction.h5ad``, ``maps.zarr``) and its sums at the measured spots
+(``prediction_spots.h5ad``); spot-level methods predict whole spots, so they write
+``prediction_spots.h5ad`` only, and the report says so.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from .config import ConfigError, RunConfig, validate
+from .config import load as load_config
+from .errors import InputError
 from .report import RunReport
 
-
-class ConfigError(ValueError):
-    """The run config is invalid; the message says what was expected."""
-
-
-DEFAULTS: dict[str, Any] = {
-    "features": {"encoder": "handcrafted"},
-    "method": {"name": "istar", "params": {}, "consistency": True},
-    "genes": {"n_top": 1000, "min_frac": 0.1},
-    "predict": {"previews": None, "n_previews": 4},
-    # outputs.spatialdata: also write a SpatialData zarr store (needs histosr[spatialdata])
-    "outputs": {"spatialdata": False},
-    "seed": 0,
-}
-
-
-def load_config(path: str | Path) -> dict:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: expected a YAML mapping at the top level")
-    base = path.parent
-    sec = cfg.get("section")
-    if isinstance(sec, dict) and "path" in sec and not Path(sec["path"]).is_absolute():
-        cand = (base / sec["path"]).resolve()
-        sec["path"] = str(cand if cand.exists() else Path(sec["path"]).resolve())
-    return cfg
-
-
-def _merge(cfg: dict) -> dict:
-    out = json.loads(json.dumps(DEFAULTS))
-    for k, v in cfg.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k].update(v)
-        else:
-            out[k] = v
-    known = {"section", "features", "method", "genes", "predict", "seed", "out", "cache",
-             "outputs"}
-    extra = sorted(set(out) - known)
-    if extra:
-        raise ConfigError(f"unknown config keys {extra}: expected some of {sorted(known)}")
-    if "section" not in out or not isinstance(out["section"], dict):
-        raise ConfigError("config needs a 'section' mapping, e.g. "
-                          "{reader: her2st, path: DIR, name: C2}")
-    return out
+#: fewer measured spots than this cannot be fitted meaningfully (nor interpolated)
+MIN_SPOTS = 3
 
 
 def read_section(spec: dict):
     """Build a Section from a config mapping ``{reader: NAME, path: P, ...}``."""
     from . import io
 
-    spec = dict(spec)
+    spec = {k: v for k, v in dict(spec).items() if v is not None or k == "path"}
     reader = spec.pop("reader", None)
     path = spec.pop("path", None)
     if path is None:
         raise ConfigError("section.path is required")
-    if reader is None:
-        return io.read(path, **spec)
-    fn = getattr(io, f"read_{reader}", None)
-    if fn is None:
-        names = sorted(n[5:] for n in dir(io) if n.startswith("read_"))
-        raise ConfigError(f"unknown reader {reader!r}: expected one of {names}")
-    return fn(path, **spec)
+    reader = reader or io.detect_platform(path)
+    if reader not in io.READERS:
+        from .params import suggest
+
+        raise ConfigError(f"unknown reader {reader!r}{suggest(reader, io.READERS)}: expected "
+                          f"one of {', '.join(sorted(io.READERS))}")
+    from .config import reader_options, required_options
+    from .params import check_names
+
+    check_names(f"reader {reader!r}", spec, reader_options(reader) + ["section"], "option")
+    missing = [k for k in required_options(reader) if k not in spec
+               and not (reader == "her2st" and k == "name")]
+    if missing:
+        raise ConfigError(f"the {reader!r} reader needs more: " + "; ".join(
+            f"pass {k}=..." for k in missing))
+    return io.read(path, platform=reader, **spec)
 
 
-def _hash(*parts) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(json.dumps(p, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
+def check_trainable(section) -> None:
+    """Stop before any heavy work when a section has nothing to learn from, naming what
+    was found and what would make it run."""
+    from .arrays import row_sums
+
+    n, g = section.n_spots, section.counts.n_vars
+    lib = row_sums(section.counts.X)
+    what = f"section {section.name!r} ({section.platform}) has {n} spots x {g} genes"
+    if n < MIN_SPOTS:
+        raise InputError(f"{what}: at least {MIN_SPOTS} measured spots are needed to fit a "
+                         "method; check that the reader found the in-tissue spots")
+    if not (lib > 0).any():
+        raise InputError(f"{what} and no counts at all (every spot's total is 0): nothing to "
+                         "learn from. Check that the matrix holds raw UMI counts of in-tissue "
+                         "spots (for Visium HD, a bin folder with data, e.g. square_008um)")
 
 
-def choose_genes(section, n_top: int, min_frac: float = 0.1) -> list[str]:
-    from .metrics import select_genes
+def fit_genes_for(section, gcfg, include=()) -> list[str]:
+    """The genes a run fits: ``genes.list`` or the HEST rule's ``n_top``, plus ``include``
+    (measured ones; a warning names the others)."""
+    from .pp import select_genes
 
-    return list(select_genes(section.dense_counts(), section.genes, n_top, min_frac=min_frac))
+    want = list(dict.fromkeys(list(gcfg.include) + list(include or [])))
+    if gcfg.list:
+        chosen = select_genes(section, None, 0.0, include=list(gcfg.list) + want)
+    else:
+        chosen = select_genes(section, gcfg.n_top, gcfg.min_frac, include=want)
+    if not chosen:
+        from .arrays import dense
+
+        det = (dense(section.counts.X) > 0).mean(axis=0) if section.n_spots else np.zeros(1)
+        raise InputError(
+            f"no gene of section {section.name!r} is detected in at least "
+            f"{gcfg.min_frac:.0%} of its {section.n_spots} spots (the most often detected gene "
+            f"is in {float(det.max()):.0%}): lower genes.min_frac (e.g. --set "
+            "genes.min_frac=0.01) or name the genes with genes.list")
+    return chosen
 
 
-def run(cfg: dict, out: str | Path | None = None, progress: bool = True) -> RunReport:
-    """Run the pipeline; returns the written report."""
-    from . import features as feat
+def run(cfg: dict | RunConfig, out: str | Path | None = None,
+        progress: bool = True) -> RunReport:
+    """Run the pipeline for a config (dict or :class:`~histosr.config.RunConfig`); returns
+    the written report."""
     from . import train
-    from .methods.base import Method, get_method
-    from .metrics import log_cp10k, pcc_per_gene
-    from .outputs import write_h5ad, write_maps_from_anndata
-    from .pl import previews
+    from .keys import digest
+    from .methods.base import SUPERPIXEL, Method, get_method, section_record
 
-    cfg = _merge(cfg)
-    out = Path(out or cfg.get("out") or "histosr_run")
+    rc = cfg if isinstance(cfg, RunConfig) else validate(cfg)
+    out = Path(out or rc.out or "histosr_run")
     out.mkdir(parents=True, exist_ok=True)
-    rep = RunReport(f"histosr run: {cfg['method']['name']}", out, params=cfg)
-    cache = Path(cfg.get("cache") or out / "cache")
+    mcfg = rc.method
+    rep = RunReport(f"histosr run: {mcfg.name}", out, params=rc.model_dump(mode="json"))
+    from .features.cache import cache_dir_for
+
+    cache = Path(rc.cache) if rc.cache else cache_dir_for(out)
+    params = dict(mcfg.params)
+    params.setdefault("seed", int(rc.seed))
+    method = get_method(mcfg.name, **params)
+    if method.kind == SUPERPIXEL:
+        method.set_params(consistency=bool(mcfg.consistency))
+    method.progress = bool(progress)
 
     with rep.stage("read"):
-        section = read_section(cfg["section"])
+        section = read_section(rc.section.model_dump())
     rep.notes.append(repr(section))
+    check_trainable(section)
+    genes = fit_genes_for(section, rc.genes, include=rc.predict.previews or [])
     train.init_distributed()  # under torchrun: rank 0 writes, all ranks train (DDP)
-    with rep.stage("features"), train.main_process_first():  # ranks > 0: from the cache
-        fm = feat.compute(section, encoder=cfg["features"]["encoder"], cache_dir=cache,
-                          progress=progress,
-                          **{k: v for k, v in cfg["features"].items() if k != "encoder"})
-    gcfg = cfg["genes"]
-    genes = gcfg.get("list") or choose_genes(section, int(gcfg["n_top"]),
-                                             float(gcfg.get("min_frac", 0.1)))
-    # genes asked for in previews are always fitted (when measured)
-    show = cfg["predict"].get("previews") or []
-    genes = list(genes) + [g for g in show if g in section.counts.var_names and g not in genes]
-    mcfg = cfg["method"]
-    params = dict(mcfg.get("params") or {})
-    params.setdefault("seed", int(cfg["seed"]))
-    params["consistency"] = bool(mcfg.get("consistency", True))
-    key = _hash(mcfg["name"], params, genes, fm.meta, fm.encoder, repr(section),
-                float(section.dense_counts(genes).sum()))
+    fm = None
+    if method.kind == SUPERPIXEL:
+        with rep.stage("features"), train.main_process_first():  # ranks > 0: from the cache
+            fm = _features(section, method, rc, cache, progress)
+    key = digest(mcfg.name, method.learned_params(), genes, section_record(section)["key"],
+                 None if fm is None else [fm.encoder, fm.meta, int(fm.mask.sum())])
     model_dir = out / "model"
     with rep.stage("fit"):
         stamp = model_dir / "key.txt"
         if train.all_agree(stamp.is_file() and stamp.read_text() == key):
-            method = Method.load(model_dir)
+            method = Method.load(model_dir, progress=bool(progress))
             rep.notes.append("fitted model reused from the run cache")
         else:
-            method = get_method(mcfg["name"], **params)
-            if hasattr(method, "progress"):
-                method.progress = progress
             if hasattr(method, "checkpoint_dir"):
                 method.checkpoint_dir = str(cache / f"ckpt-{key}")
-            method.fit([section], [fm], genes=genes)
+            if hasattr(method, "cache_dir") and method.cache_dir is None:
+                method.cache_dir = str(cache)
+            method.fit([section], None if fm is None else [fm], genes=genes)
             if train.is_main_process():
                 method.save(model_dir)
-                stamp.write_text(key)
+                (model_dir / "key.txt").write_text(key)
     if not train.is_main_process():
         return rep  # torchrun ranks > 0 only help training; rank 0 writes the outputs
+    rep.outputs["model"] = str(model_dir)
+    if method.kind == SUPERPIXEL:
+        _superpixel_outputs(rep, method, section, fm, rc, out)
+    else:
+        _spot_outputs(rep, method, section, rc, out)
+    rep.write()
+    return rep
+
+
+def _features(section, method, rc: RunConfig, cache: Path, progress: bool):
+    """The section's FeatureMap (cached), or only its grid + tissue mask for methods that
+    read no image features."""
+    from . import features as feat
+
+    if not method.needs_features:
+        from .features.featuremap import grid_only
+        from .tissue import section_tissue_mask
+
+        return grid_only(section, section_tissue_mask(section))
+    fcfg = rc.features
+    kw = dict(fcfg.encoder_params())
+    if fcfg.scheduler:
+        kw["scheduler"] = fcfg.scheduler
+    return feat.compute(section, encoder=fcfg.encoder, cache_dir=cache, progress=progress,
+                        tile_sp=fcfg.tile_sp, **kw)
+
+
+def _preview_genes(rc: RunConfig, genes: list[str]) -> list[str]:
+    # fitted genes are in HEST rank order: the first ones are the most variable measured
+    show = rc.predict.previews or genes[: rc.predict.n_previews]
+    return [g for g in show if g in genes]
+
+
+def _superpixel_outputs(rep, method, section, fm, rc: RunConfig, out: Path) -> None:
+    from .metrics import log_cp10k, pcc_per_gene
+    from .outputs import write_h5ad, write_maps_from_anndata
+    from .pl import previews
+
     with rep.stage("predict"):
         pred = method.predict(section, fm, at="superpixels")
         spots_pred = method.predict(section, fm, at="spots")
@@ -169,12 +191,11 @@ def run(cfg: dict, out: str | Path | None = None, progress: bool = True) -> RunR
         rep.outputs["prediction"] = str(write_h5ad(pred, out / "prediction.h5ad"))
         rep.outputs["spots"] = str(write_h5ad(spots_pred, out / "prediction_spots.h5ad"))
         rep.outputs["maps"] = str(write_maps_from_anndata(pred, out / "maps.zarr"))
-        if cfg["outputs"].get("spatialdata"):
+        if rc.outputs.spatialdata:
             from .io import write_spatialdata
 
             rep.outputs["spatialdata"] = str(write_spatialdata(out / "spatialdata.zarr",
                                                                section, pred))
-        rep.outputs["model"] = str(model_dir)
         rep.outputs["n_superpixels"] = int(pred.n_obs)
         rep.outputs["n_genes"] = int(pred.n_vars)
     # In-sample agreement with the measured spots, BEFORE the consistency step (which makes
@@ -182,26 +203,42 @@ def run(cfg: dict, out: str | Path | None = None, progress: bool = True) -> RunR
     raw = method.predict(section, fm, at="spots", consistency=False)
     # both sides log1p CP10k over the fitted genes, each with its own library: composition,
     # not library size (which the image model would otherwise get credit for)
-    truth = log_cp10k(section.dense_counts(method.genes_))
-    est = log_cp10k(np.asarray(raw.X, dtype=np.float64))
-    r = pcc_per_gene(est, truth)
+    r = pcc_per_gene(log_cp10k(raw.X), log_cp10k(section.dense_counts(method.genes_)))
     rep.metrics["in_sample_spot_pcc_mean"] = float(np.mean(r))
     rep.metrics["in_sample_spot_pcc_median"] = float(np.median(r))
     rep.notes.append("in-sample metrics compare the image model's footprint sums (before "
                      "consistency) with the spots it was fitted on; use `histosr benchmark` for "
                      "held-out scores")
     with rep.stage("previews"):
-        show = cfg["predict"].get("previews") or _top_var(pred, int(cfg["predict"]["n_previews"]))
-        show = [g for g in show if g in pred.var_names]
+        show = _preview_genes(rc, method.genes_)
         spots = section.counts[:, show].copy() if show else None
         rep.images += previews(pred, show, out / "previews", section=section, spots=spots)
-    rep.write()
-    return rep
 
 
-def _top_var(adata, n: int) -> list[str]:
-    X = np.log1p(np.asarray(adata.X, dtype=np.float64))
-    return [adata.var_names[i] for i in np.argsort(-X.var(axis=0))[:n]]
+def _spot_outputs(rep, method, section, rc: RunConfig, out: Path) -> None:
+    from .methods.spot import spot_targets
+    from .metrics import pcc_per_gene
+    from .outputs import write_h5ad
+    from .pl import previews
+
+    with rep.stage("predict"):
+        spots_pred = method.predict(section)
+    with rep.stage("write"):
+        rep.outputs["spots"] = str(write_h5ad(spots_pred, out / "prediction_spots.h5ad"))
+        rep.outputs["n_spots"] = int(spots_pred.n_obs)
+        rep.outputs["n_genes"] = int(spots_pred.n_vars)
+    r = pcc_per_gene(spots_pred.X, spot_targets(section, method.genes_))
+    rep.metrics["in_sample_spot_pcc_mean"] = float(np.mean(r))
+    rep.metrics["in_sample_spot_pcc_median"] = float(np.median(r))
+    rep.notes.append(
+        f"{method.name} is a spot-level method: it predicts whole spots (log1p CP10k), so this "
+        "run wrote prediction_spots.h5ad (the measured spots, in-sample) and no 8 um maps. "
+        "For a denser grid use `histosr densify`; for sections that were never sequenced, "
+        "`histosr predict --model MODEL --image SLIDE`; for held-out scores `histosr benchmark`.")
+    with rep.stage("previews"):
+        show = _preview_genes(rc, method.genes_)
+        rep.images += previews(spots_pred, show, out / "previews", section=section,
+                               spots=section.counts[:, show].copy() if show else None)
 
 
 # -- cohorts: one pipeline run per section, on Dask -------------------------------------------
@@ -223,7 +260,7 @@ def run_many(cfgs: list, scheduler=None, progress: bool = False,
     """Run the pipeline for each config (a dict or a YAML path), each in its own run folder
     (the configs' ``out`` must differ); with ``scheduler`` (``"local"``, a Dask address or a
     ``distributed.Client``, see :mod:`histosr.cluster`) each run is one Dask task. Returns
-    the reports in config order.
+    the reports in config order. Every config is validated before any run starts.
 
     Results equal running the configs one by one in this process: torch's CPU results depend
     on its intra-op thread count, so each task runs with ``threads`` torch threads (default:
@@ -231,6 +268,8 @@ def run_many(cfgs: list, scheduler=None, progress: bool = False,
     does not exceed the cores; results then equal one-by-one runs after
     ``torch.set_num_threads(threads)``."""
     cfgs = [load_config(c) if isinstance(c, (str, Path)) else dict(c) for c in cfgs]
+    for c in cfgs:
+        validate(c)
     outs = [str(Path(c.get("out") or "histosr_run").resolve()) for c in cfgs]
     dup = sorted({o for o in outs if outs.count(o) > 1})
     if dup:
@@ -244,3 +283,6 @@ def run_many(cfgs: list, scheduler=None, progress: bool = False,
     with dask_client(scheduler) as client:
         futs = [client.submit(_run_task, c, progress, threads, pure=False) for c in cfgs]
         return client.gather(futs)
+
+
+__all__ = ["run", "run_many", "read_section", "load_config", "check_trainable", "ConfigError"]

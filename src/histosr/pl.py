@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import InputError
+
 
 def _plt():
     import matplotlib
@@ -21,13 +23,17 @@ def gene_map(adata, gene: str, section=None, ax=None, cmap: str = "magma",
     """Show one gene of a superpixel prediction (or of spots) over the section's H&E.
 
     Superpixel AnnData (``obs`` row/col) are drawn as an image on the 8 um grid; spot
-    AnnData as dots at ``obsm["spatial"]``. Values are log1p-transformed for display."""
+    AnnData as dots at ``obsm["spatial"]``. Counts are log1p-transformed for display;
+    values already on a log1p scale (``uns["histosr"]["scale"]``) are shown as they are."""
     plt = _plt()
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 5))
     from .arrays import gene_values
 
-    v = np.log1p(gene_values(adata, gene))
+    scale = str(adata.uns.get("histosr", {}).get("scale", "counts"))
+    v = gene_values(adata, gene)
+    if not scale.startswith("log1p"):
+        v = np.log1p(v)
     if section is not None:
         thumb = section.image.thumbnail(1024)
         h, w = section.image.shape[:2]
@@ -49,7 +55,8 @@ def gene_map(adata, gene: str, section=None, ax=None, cmap: str = "magma",
             ax.invert_yaxis()
     ax.set_title(title or gene)
     ax.set_axis_off()
-    plt.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="log1p")
+    plt.colorbar(im, ax=ax, fraction=0.046, pad=0.02,
+                 label="log1p CP10k" if scale.startswith("log1p") else "log1p counts")
     return ax
 
 
@@ -168,7 +175,7 @@ def domains_vs_labels(adata, section, labels=None, key: str = "domain", spot_dom
     plt = _plt()
     labels = section.annotations if labels is None else labels
     if labels is None:
-        raise ValueError("no pathologist labels: pass labels= or a section with annotations")
+        raise InputError("no pathologist labels: pass labels= or a section with annotations")
     n = 3 if spot_domains is not None else 2
     fig, axes = plt.subplots(1, n, figsize=(5.6 * n, 5))
     domains(adata, section=section, ax=axes[0], key=key, title="super-resolved domains")

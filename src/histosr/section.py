@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .errors import InputError
 from .image import ImageSource
 
 # Spot pitch (centre to centre, um) of platforms whose lattice is fixed by the slide.
@@ -21,7 +22,7 @@ PLATFORM_PITCH_UM = {"visium": 100.0, "st": 200.0}
 PLATFORM_DIAMETER_UM = {"visium": 55.0, "st": 100.0}
 
 
-class SectionError(ValueError):
+class SectionError(InputError):
     """Invalid input data; the message says what was expected and how to fix it."""
 
 

@@ -1,12 +1,16 @@
-"""Tissue masks on the 8 um superpixel grid, from per-superpixel mean colour.
+"""Tissue masks on the 8 um superpixel grid, from per-superpixel colour and texture.
 
-Background is either glass (bright and unsaturated) or blacked out (dark and unsaturated,
-as in display images); stained tissue - including pale stroma - has chroma (max - min of
-R, G, B). The score is the chroma of the superpixel's mean colour, zero for very dark
-superpixels; an Otsu threshold (clamped to a plausible range so a slide that is all tissue
-or all glass is not split in two) separates tissue from background, then a closing, hole
-filling (fat and lumens inside the tissue are tissue), an opening and removal of small
-components clean it up.
+Background is glass (bright and unsaturated), blacked out (dark, as in display images), or
+a smear of stain or mounting medium on the glass: tinted, yet smooth. Stained tissue -
+including pale stroma - has chroma (max - min of R, G, B) AND texture (nuclei, fibres,
+membranes). ``method="texture"`` (default) scores each superpixel by its texture: the
+standard deviation of grey levels inside it plus their variation between neighbouring
+superpixels (so images coarser than 8 um still show tissue texture), among superpixels
+with some chroma; ``method="chroma"`` scores the chroma of the mean colour alone (the
+earlier rule, which takes smooth pink smears for tissue). Either way an Otsu threshold
+(clamped to a plausible range so a slide that is all tissue or all glass is not split in
+two) separates tissue from background, then a closing, hole filling (fat and lumens inside
+the tissue are tissue), an opening and removal of small components clean it up.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
+from .errors import InputError
 from .geometry import SP_PX, grid_for
 
 
@@ -46,27 +51,55 @@ def tissue_score(rgb_sp: np.ndarray) -> np.ndarray:
     return np.where(bright < 30.0, 0.0, chroma).astype(np.float32)
 
 
+#: version of the tissue rule, part of feature cache keys
+TISSUE_VERSION = 2
+METHODS = ("texture", "chroma")
+
+
+def texture_score(grey_mean: np.ndarray, grey_var: np.ndarray) -> np.ndarray:
+    """(H_sp, W_sp) texture (0-255 grey units): sqrt of the grey variance inside each
+    superpixel plus the variance of superpixel means over its 3 x 3 neighbourhood."""
+    m = np.asarray(grey_mean, dtype=np.float32)
+    local = ndi.uniform_filter(m * m, 3, mode="nearest") - ndi.uniform_filter(m, 3,
+                                                                            mode="nearest") ** 2
+    return np.sqrt(np.maximum(np.asarray(grey_var, np.float32), 0) + np.maximum(local, 0))
+
+
 def tissue_mask(
     rgb_sp: np.ndarray,
     *,
+    texture: np.ndarray | None = None,
     threshold: float | None = None,
-    min_threshold: float = 8.0,
-    max_threshold: float = 30.0,
+    min_threshold: float | None = None,
+    max_threshold: float | None = None,
+    min_chroma: float = 5.0,
     close_radius: int = 2,
     open_radius: int = 1,
     min_size_sp: int = 100,
     fill_holes: bool = True,
 ) -> np.ndarray:
     """bool (H_sp, W_sp) tissue mask from per-superpixel mean colour (H_sp, W_sp, 3), in
-    0-255 or 0-1. ``threshold`` overrides Otsu on the chroma score; otherwise Otsu's
-    threshold is clamped to [min_threshold, max_threshold] (0-255 chroma units). Components
-    smaller than ``min_size_sp`` superpixels (and than 5% of the largest) are dropped."""
+    0-255 or 0-1, and (``texture``, from :func:`texture_score`) texture. With ``texture``
+    the score is the texture of superpixels whose chroma exceeds ``min_chroma``; without,
+    the chroma. ``threshold`` overrides Otsu on the score; otherwise Otsu's threshold is
+    clamped to [min_threshold, max_threshold] (defaults: 2-12 grey units for texture, 8-30
+    chroma units). Components smaller than ``min_size_sp`` superpixels (and than 5% of the
+    largest) are dropped."""
     rgb_sp = np.asarray(rgb_sp)
     if rgb_sp.ndim != 3 or rgb_sp.shape[2] < 3:
-        raise ValueError(f"expected per-superpixel colour (H_sp, W_sp, 3), got {rgb_sp.shape}")
-    score = tissue_score(rgb_sp)
+        raise InputError(f"expected per-superpixel colour (H_sp, W_sp, 3), got {rgb_sp.shape}")
+    chroma = tissue_score(rgb_sp)
+    if texture is None:
+        score, lo, hi = chroma, 8.0, 30.0
+    else:
+        texture = np.asarray(texture, dtype=np.float32)
+        if texture.shape != chroma.shape:
+            raise InputError(f"texture {texture.shape} and colour {chroma.shape} differ in shape")
+        score, lo, hi = np.where(chroma > min_chroma, texture, 0.0), 2.0, 12.0
+    lo = lo if min_threshold is None else min_threshold
+    hi = hi if max_threshold is None else max_threshold
     if threshold is None:
-        threshold = float(np.clip(_otsu(score.ravel()), min_threshold, max_threshold))
+        threshold = float(np.clip(_otsu(score.ravel()), lo, hi))
     m = score > threshold
     if close_radius > 0:
         # pad so closing does not erode tissue touching the image border
@@ -86,9 +119,16 @@ def tissue_mask(
 
 
 def mean_rgb_sp(image, um_per_px: float, band_sp: int = 64) -> np.ndarray:
-    """float32 (H_sp, W_sp, 3) mean colour (0-255) of each superpixel of the calibrated grid,
-    by area-averaging (PIL box filter) the full-resolution image band by band: cheap (no
-    0.5 um/px resampling) and bounded in memory."""
+    """float32 (H_sp, W_sp, 3) mean colour (0-255) of each superpixel of the calibrated grid
+    (see :func:`superpixel_stats`)."""
+    return superpixel_stats(image, um_per_px, band_sp, grey=False)[0]
+
+
+def superpixel_stats(image, um_per_px: float, band_sp: int = 64, grey: bool = True):
+    """Per superpixel of the calibrated grid: float32 (H_sp, W_sp, 3) mean colour (0-255)
+    and (``grey``) float32 (H_sp, W_sp) variance of the grey level inside it, by
+    area-averaging (PIL box filter) the full-resolution image and its square band by band:
+    cheap (no 0.5 um/px resampling) and bounded in memory."""
     from PIL import Image
 
     from .geometry import Grid
@@ -98,6 +138,7 @@ def mean_rgb_sp(image, um_per_px: float, band_sp: int = 64) -> np.ndarray:
     hs, ws = grid.shape
     px_per_sp = SP_PX / grid.scale  # full-resolution px per superpixel
     out = np.empty((hs, ws, 3), dtype=np.float32)
+    var = np.empty((hs, ws), dtype=np.float32) if grey else None
     for r0 in range(0, hs, band_sp):
         r1 = min(r0 + band_sp, hs)
         fy0, fy1 = r0 * px_per_sp, r1 * px_per_sp
@@ -110,12 +151,41 @@ def mean_rgb_sp(image, um_per_px: float, band_sp: int = 64) -> np.ndarray:
             box = (fx0 - x0, fy0 - y0, fx1 - x0, fy1 - y0)
             im = Image.fromarray(raw).resize((c1 - c0, r1 - r0), Image.BOX, box=box)
             out[r0:r1, c0:c1] = np.asarray(im, dtype=np.float32)
-    return out
+            if grey:
+                g = raw.astype(np.float32).mean(axis=2)
+                g2 = Image.fromarray(g * g).resize((c1 - c0, r1 - r0), Image.BOX, box=box)
+                g1 = Image.fromarray(g).resize((c1 - c0, r1 - r0), Image.BOX, box=box)
+                var[r0:r1, c0:c1] = np.asarray(g2) - np.asarray(g1) ** 2
+    return out, var
 
 
-def section_tissue_mask(section, **kwargs) -> np.ndarray:
-    """bool (H_sp, W_sp) tissue mask of a section on its superpixel grid."""
-    rgb = mean_rgb_sp(section.image, section.um_per_px)
+#: with measured spots, the texture rule must cover this fraction of them (else: chroma)
+MIN_SPOT_COVERAGE = 0.9
+
+
+def _spot_coverage(section, mask: np.ndarray) -> float:
+    r, c = grid_for(section).cell_of_xy(section.xy)
+    r = np.clip(r, 0, mask.shape[0] - 1)
+    c = np.clip(c, 0, mask.shape[1] - 1)
+    return float(mask[r, c].mean())
+
+
+def section_tissue_mask(section, method: str = "texture", **kwargs) -> np.ndarray:
+    """bool (H_sp, W_sp) tissue mask of a section on its superpixel grid (``method``:
+    ``"texture"`` or ``"chroma"``, see the module docstring). With measured spots, a texture
+    mask that misses more than 10% of them gives way to the chroma mask."""
+    if method not in METHODS:
+        raise InputError(f"tissue method must be one of {METHODS}, got {method!r}")
+    rgb, var = superpixel_stats(section.image, section.um_per_px, grey=method == "texture")
+    if var is not None:
+        kwargs["texture"] = texture_score(rgb.mean(axis=2), var)
     m = tissue_mask(rgb, **kwargs)
+    if var is not None and section.n_spots and _spot_coverage(section, m) < MIN_SPOT_COVERAGE:
+        # measured spots lie on tissue: an image whose tissue shows little texture (an eosin
+        # capture, a blurred scan) falls back to the colour rule
+        kwargs.pop("texture")
+        chroma = tissue_mask(rgb, **kwargs)
+        if _spot_coverage(section, chroma) > _spot_coverage(section, m):
+            m = chroma
     assert m.shape == grid_for(section).shape
     return m

@@ -32,6 +32,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from .errors import InputError
+
 SP_UM = 8.0  # superpixel pitch (um)
 
 
@@ -89,7 +91,7 @@ def representation(adata, use: str = "latent", n_pcs: int = 30, normalize: bool 
     if use in adata.obsm:
         return np.asarray(adata.obsm[use], dtype=np.float32)
     if use not in ("latent", "expression"):
-        raise ValueError(f"use must be 'latent', 'expression' or an obsm key "
+        raise InputError(f"use must be 'latent', 'expression' or an obsm key "
                          f"(present: {sorted(adata.obsm)}), got {use!r}")
     if use == "latent" and "X_latent" in adata.obsm:
         return np.asarray(adata.obsm["X_latent"], dtype=np.float32)
@@ -104,7 +106,7 @@ def _um_per_unit(adata, um_per_px: float | None) -> float:
         return float(um_per_px)
     v = adata.uns.get("histosr", {}).get("um_per_px")
     if v is None:
-        raise ValueError("spot-level smoothing/neighbours in micrometres need the pixel size: "
+        raise InputError("spot-level smoothing/neighbours in micrometres need the pixel size: "
                          "pass um_per_px= (uns['histosr']['um_per_px'] is absent)")
     return float(v)
 
@@ -420,11 +422,11 @@ def domains(adata, n_domains: int | None = 8, use: str = "latent", method: str =
     if copy:
         adata = adata.copy()
     if method not in ("kmeans", "leiden"):
-        raise ValueError(f"method must be 'kmeans' or 'leiden', got {method!r}")
+        raise InputError(f"method must be 'kmeans' or 'leiden', got {method!r}")
     if method == "kmeans" and (n_domains is None or int(n_domains) < 1):
-        raise ValueError(f"k-means needs n_domains >= 1, got {n_domains!r}")
+        raise InputError(f"k-means needs n_domains >= 1, got {n_domains!r}")
     if not _is_grid(adata) and "spatial" not in adata.obsm and smooth > 0:
-        raise ValueError("smoothing needs obs row/col (superpixels) or obsm['spatial'] (spots)")
+        raise InputError("smoothing needs obs row/col (superpixels) or obsm['spatial'] (spots)")
     Z = representation(adata, use, n_pcs, normalize, scale, seed)
     Z = smooth_representation(Z, adata, float(smooth), um_per_px)
     info = {"use": use, "method": method, "smooth_um": float(smooth), "seed": int(seed),
@@ -459,7 +461,7 @@ def marker_score(adata, genes, key_added: str = "marker_score", normalize: bool 
     have = set(map(str, adata.var_names))
     use = [g for g in genes if g in have]
     if not use:
-        raise ValueError(f"none of the marker genes {genes[:10]} is in var_names")
+        raise InputError(f"none of the marker genes {genes[:10]} is in var_names")
     if len(use) < len(genes):
         warnings.warn(f"marker genes not found, skipped: {[g for g in genes if g not in have]}",
                       stacklevel=2)
@@ -482,7 +484,7 @@ def morans_i(adata, genes=None, normalize: bool = False, radius: float = 1.5,
     W = spatial_weights(adata, radius, n_neighbors) if weights is None else sp.csr_matrix(weights)
     n, s0 = W.shape[0], float(W.sum())
     if s0 <= 0:
-        raise ValueError("Moran's I: the spatial weights have no edges")
+        raise InputError("Moran's I: the spatial weights have no edges")
     idx = _gene_index(adata, genes)
     out = np.full(len(genes), np.nan)
     lib = None

@@ -13,16 +13,15 @@ member on disk, so that a killed run resumes with the members it has not finishe
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
-import pickle
 import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .errors import InputError
 
 __all__ = [
     "seed_everything",
@@ -32,7 +31,6 @@ __all__ = [
     "median_over_states",
     "make_optimizer",
     "train_loop",
-    "fingerprint",
     "distributed_env",
     "init_distributed",
     "is_main_process",
@@ -67,7 +65,7 @@ def state_seeds(seed: int, n_states: int) -> list[int]:
     Prefix-stable: the first k seeds of ``state_seeds(s, n)`` do not depend on ``n``, so
     adding members keeps the existing ones."""
     if n_states < 1:
-        raise ValueError(f"n_states must be >= 1, got {n_states}")
+        raise InputError(f"n_states must be >= 1, got {n_states}")
     children = np.random.SeedSequence(int(seed)).spawn(int(n_states))
     return [int(c.generate_state(1, dtype=np.uint32)[0]) for c in children]
 
@@ -92,30 +90,30 @@ def resolve_device(device: str = "auto"):
             "'auto', or install a CUDA build of PyTorch"
         )
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {device!r}")
+        raise InputError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {device!r}")
     return dev
 
 
-def fingerprint(*parts: Any) -> str:
-    """Short stable hash of JSON-able values and arrays (a checkpoint key)."""
-    h = hashlib.sha1()
-    for p in parts:
-        if isinstance(p, np.ndarray):
-            a = np.ascontiguousarray(p)
-            h.update(str((a.dtype.str, a.shape)).encode())
-            h.update(a.tobytes())
-        else:
-            h.update(json.dumps(p, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
+def _save_member(obj: Any, path: Path) -> None:
+    """Write a checkpoint atomically with ``torch.save`` (read back with
+    ``weights_only=True``: tensors, numbers, text, lists and mappings only, never code)."""
+    import torch
 
-
-def _atomic_pickle(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "wb") as f:
-        pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
+        torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _load_member(path: Path) -> Any:
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a damaged or foreign file is retrained, not fatal
+        return None
 
 
 def fit_states(
@@ -128,13 +126,13 @@ def fit_states(
 ) -> list[Any]:
     """Train ``n_states`` ensemble members one after the other.
 
-    ``fit_one(state_seed)`` trains one member and returns its (picklable) state; before it
-    is called every RNG is seeded with that member's seed (:func:`state_seeds`). With
-    ``checkpoint_dir`` each finished member is written atomically to
-    ``state-<i>.pkl`` and, on a later call with the same seed (and ``key``, a fingerprint of
-    the data and hyper-parameters, see :func:`fingerprint`), read back instead of trained
-    again: a killed run resumes. A file written under another seed or key is retrained and
-    overwritten.
+    ``fit_one(state_seed)`` trains one member and returns its state (tensors, numbers,
+    text, lists, mappings); before it is called every RNG is seeded with that member's seed
+    (:func:`state_seeds`). With ``checkpoint_dir`` each finished member is written atomically
+    to ``state-<i>.pt`` and, on a later call with the same seed (and ``key``, a
+    :func:`histosr.keys.digest` of the data and hyper-parameters), read back instead of
+    trained again: a killed run resumes. A file written under another seed or key (or a
+    damaged one) is retrained and overwritten.
     """
     seeds = state_seeds(seed, n_states)
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -142,14 +140,8 @@ def fit_states(
         ckpt.mkdir(parents=True, exist_ok=True)
     states = []
     for i, s in enumerate(seeds):
-        path = ckpt / f"state-{i:03d}.pkl" if ckpt is not None else None
-        saved = None
-        if path is not None and path.exists():
-            try:
-                with open(path, "rb") as f:
-                    saved = pickle.load(f)
-            except Exception:  # a damaged file is retrained, not fatal
-                saved = None
+        path = ckpt / f"state-{i:03d}.pt" if ckpt is not None else None
+        saved = _load_member(path) if path is not None and path.exists() else None
         ok = isinstance(saved, dict) and saved.get("seed") == s and saved.get("key") == key
         # under DDP every rank must take the same branch (training is collective)
         if all_agree(ok):
@@ -160,7 +152,7 @@ def fit_states(
         seed_everything(s)
         state = fit_one(s)
         if path is not None and is_main_process():  # only rank 0 writes
-            _atomic_pickle({"seed": s, "key": key, "index": i, "state": state}, path)
+            _save_member({"seed": s, "key": key, "index": i, "state": state}, path)
         states.append(state)
     return states
 
@@ -170,7 +162,7 @@ def median_over_states(arrays: Iterable[Any]) -> np.ndarray:
     with one member its values, as float32."""
     arrs = [a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a) for a in arrays]
     if not arrs:
-        raise ValueError("median_over_states needs at least one array")
+        raise InputError("median_over_states needs at least one array")
     if len(arrs) == 1:
         return np.array(arrs[0], dtype=np.float32, copy=True)
     return np.median(np.stack(arrs, axis=0), axis=0).astype(np.float32)
@@ -185,7 +177,7 @@ def make_optimizer(params, optimizer: str = "adam", lr: float = 1e-3, weight_dec
     name = optimizer.lower()
     classes = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
     if name not in classes:
-        raise ValueError(f"optimizer must be one of {sorted(classes)}, got {optimizer!r}")
+        raise InputError(f"optimizer must be one of {sorted(classes)}, got {optimizer!r}")
     cls = classes[name]
     if name in ("adam", "adamw"):
         try:
@@ -205,6 +197,8 @@ def train_loop(
     progress: bool | str = True,
     weight_decay: float = 0.0,
     lr_factor: Callable[[int], float] | None = None,
+    clip_grad_norm: float | None = None,
+    on_epoch_end: Callable[[int, Any], None] | None = None,
 ) -> list[float]:
     """Minimise ``loss_fn(model, batch)`` over ``batches_fn(epoch)`` for ``epochs`` epochs.
 
@@ -213,6 +207,9 @@ def train_loop(
     deterministic). ``progress``: a tqdm bar (True, or a string used as its label).
     Returns the mean loss of each epoch. ``lr_factor(step)``: a learning-rate multiplier
     per optimiser step (``LambdaLR``, stepped after every step), e.g. warm-up + cosine.
+    ``clip_grad_norm``: clip the gradients' total norm before each step.
+    ``on_epoch_end(epoch, model)``: called after each epoch with the model in eval mode
+    (validation, model selection, per-epoch outputs); training resumes afterwards.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) this is data-parallel (PyTorch DDP): every rank
     draws the same batches (same seed), takes every ``world_size``-th one (rank r the r-th of
@@ -238,6 +235,8 @@ def train_loop(
             loss = step(batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
             opt.step()
             if sched is not None:
                 sched.step()
@@ -248,32 +247,44 @@ def train_loop(
         history.append(_mean_over_ranks(total, n))
         if progress:
             bar.set_postfix(loss=f"{history[-1]:.4g}", refresh=False)
+        if on_epoch_end is not None:
+            model.eval()
+            on_epoch_end(epoch, model)
+            model.train()
     model.eval()
     return history
 
 
-# Hyper-parameters that change how a fit runs, not what it learns: left out of checkpoint keys.
-RUNTIME_PARAMS = ("checkpoint_dir", "progress", "device", "consistency")
+def cpu_state(model) -> dict:
+    """A detached CPU copy of ``model.state_dict()``."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def train_member(model, batches_fn, loss_fn, epochs: int, lr: float, label: str | bool):
+def train_member(model, batches_fn, loss_fn, epochs: int, lr: float, label: str | bool,
+                 **loop_kw):
     """Train one ensemble member; returns ``{"model": CPU state_dict, "loss": history}``
-    (what :func:`fit_states` checkpoints)."""
-    hist = train_loop(model, batches_fn, loss_fn, epochs, lr, optimizer="adam", progress=label)
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return {"model": state, "loss": hist}
+    (what :func:`fit_states` checkpoints). ``loop_kw`` go to :func:`train_loop`
+    (optimizer, weight_decay, lr_factor, clip_grad_norm, on_epoch_end)."""
+    hist = train_loop(model, batches_fn, loss_fn, epochs, lr, progress=label, **loop_kw)
+    return {"model": cpu_state(model), "loss": hist}
 
 
 def fit_method_states(method, fit_one, *data) -> None:
     """Train ``method.n_states`` members with :func:`fit_states` (checkpointed under
     ``method.checkpoint_dir``, keyed by the hyper-parameters, genes and training ``data``)
     and store ``method.states_`` / ``method.loss_history_``."""
-    params = {k: v for k, v in method.params().items() if k not in RUNTIME_PARAMS}
-    key = fingerprint(params, method.name, method.genes_, *data)
+    from .keys import digest
+
+    # what a member learns from: consistency is a post-step, runtime fields change nothing
+    params = {k: v for k, v in method.learned_params().items() if k != "consistency"}
+    key = digest(params, method.name, method.genes_, *data)
     states = fit_states(fit_one, method.n_states, method.seed, method.checkpoint_dir,
                         key=key, progress=method.progress)
     method.states_ = [s["model"] for s in states]
     method.loss_history_ = [s["loss"] for s in states]
+    infos = [s["info"] for s in states if "info" in s]
+    if infos:  # what each member reports about its fit (validation curve, chosen epoch...)
+        method.fit_info_ = infos[0] if len(infos) == 1 else {"members": infos}
 
 
 def load_members(states, build, device) -> list:

@@ -9,10 +9,11 @@ and :func:`domains` (tissue domains against pathologist labels) are the protocol
 
 from __future__ import annotations
 
+from ..errors import InputError
 from .domains import domains
 from .p2 import p2
 from .p4 import p4, score_superpixels
-from .report import read_results, write_results
+from .results import read_results, write_results
 
 PROTOCOLS = {"p2": p2, "p4": p4, "domains": domains}
 # protocols in their own modules, imported on first use (p1: spot hold-out, p3: H&E only)
@@ -39,7 +40,7 @@ def run(protocol: str, method, encoder: str = "handcrafted", data=None, sections
     other keyword arguments (e.g. ``scheduler`` for p3) go to the protocol."""
     key = str(protocol).lower()
     if key not in PROTOCOLS and key not in _LAZY:
-        raise ValueError(f"unknown protocol {protocol!r}: expected one of "
+        raise InputError(f"unknown protocol {protocol!r}: expected one of "
                          f"{sorted(set(PROTOCOLS) | set(_LAZY))}")
     return _protocol(key)(method, sections=sections, encoder=encoder, data=data, epochs=epochs,
                           n_states=n_states, seed=seed, consistency=consistency, out=out,

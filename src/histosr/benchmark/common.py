@@ -40,14 +40,6 @@ class Timer:
         return time.perf_counter() - self.t0
 
 
-def _method_class(name: str):
-    from ..methods.base import _REGISTRY, available_methods
-
-    if name not in available_methods():
-        raise ValueError(f"unknown method {name!r}: expected one of {', '.join(available_methods())}")
-    return _REGISTRY[name]
-
-
 def method_factory(method, *, epochs=None, n_states=None, seed=0, consistency=None,
                    progress: bool = True):
     """A function making a fresh (unfitted) method per section, and the ``params`` record.
@@ -57,10 +49,11 @@ def method_factory(method, *, epochs=None, n_states=None, seed=0, consistency=No
     published defaults (the dataclass defaults) when the method has them; ``consistency``
     ``None`` keeps the method's own setting.
     """
-    from ..methods.base import _jsonable
+    from ..keys import jsonable
+    from ..methods.base import method_class
 
     if isinstance(method, str):
-        cls = _method_class(method)
+        cls = method_class(method)
         defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.init}
         kwargs: dict = {"seed": int(seed)}
     else:
@@ -75,13 +68,12 @@ def method_factory(method, *, epochs=None, n_states=None, seed=0, consistency=No
             kwargs[key] = int(val)
         else:
             ignored.append(key)
-    if consistency is not None:
+    if consistency is not None and "consistency" in defaults:
         kwargs["consistency"] = bool(consistency)
 
     def make():
         m = cls(**kwargs)
-        if hasattr(m, "progress"):  # training bars follow the run's --quiet
-            m.progress = bool(progress)
+        m.progress = bool(progress)  # training bars follow the run's --quiet
         return m
 
     m = make()
@@ -90,7 +82,7 @@ def method_factory(method, *, epochs=None, n_states=None, seed=0, consistency=No
                  and not isinstance(defaults[k], dataclasses._MISSING_TYPE)}
     reduced = {k: used[k] for k in published if used[k] < published[k]}
     params = {
-        **{k: _json_safe(v) for k, v in _jsonable(used).items()},
+        **jsonable(used),
         "consistency": bool(used.get("consistency", False)),
         "published_defaults": published,
         "reduced_from_published": bool(reduced),
@@ -102,41 +94,19 @@ def method_factory(method, *, epochs=None, n_states=None, seed=0, consistency=No
     return make, params, m.name
 
 
-def _json_safe(v):
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    if isinstance(v, (list, dict)):
-        return v
-    return str(v)
-
-
 def needs_features(method) -> bool:
     """Whether the method reads image features (baselines that only spread spot values
     set ``needs_features = False`` and then get a grid-only FeatureMap)."""
-    return bool(getattr(method, "needs_features", True))
-
-
-def grid_only_features(section, mask: np.ndarray | None = None):
-    """A FeatureMap with no feature channels: the section's superpixel grid and a tissue
-    mask (default: superpixels covered by the section's spot footprints)."""
-    from ..features import FeatureMap
-    from ..geometry import grid_for, section_footprints
-
-    grid = grid_for(section)
-    if mask is None:
-        F = section_footprints(section, grid)
-        mask = np.zeros(grid.shape[0] * grid.shape[1], dtype=bool)
-        mask[F.indices] = True
-        mask = mask.reshape(grid.shape)
-    return FeatureMap(np.zeros((*grid.shape, 0), dtype=np.float16), np.asarray(mask, bool),
-                      grid, "none", {"note": "grid only: the method reads no image features"})
+    return bool(method.needs_features)
 
 
 def section_features(section, method, encoder: str, cache_dir: Path | None,
                      progress: bool, mask: np.ndarray | None = None):
     """The FeatureMap a method needs for ``section`` (cached under ``cache_dir``)."""
     if not needs_features(method):
-        return grid_only_features(section, mask)
+        from ..features.featuremap import grid_only
+
+        return grid_only(section, mask)
     from .. import features
 
     kw = {} if mask is None else {"mask": np.asarray(mask, dtype=bool)}
@@ -166,7 +136,7 @@ def score_sections(protocol: str, sections, score_one, *, method_name: str, enco
     """The loop every protocol shares: ``score_one(section_spec) -> (name, scores)`` per
     section, a progress line each, and the results dict rewritten to ``out/results.json``
     after every section (a killed run keeps what it finished)."""
-    from . import report
+    from . import results as report
 
     scored: dict[str, dict] = {}
     res = None

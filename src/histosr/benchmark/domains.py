@@ -4,7 +4,7 @@ labels (her2st A1).
 Per section with pathologist labels (``section.annotations``; spots labelled
 ``undetermined`` or unlabelled are clustered but not scored), k = the number of distinct
 scored labels (fixed by the labels' count, never chosen by ARI), genes = the ``hvg1000``
-rule (:func:`histosr.metrics.select_genes`) on the measured spots (``n_genes`` to change).
+rule (:func:`histosr.pp.select_genes`) on the measured spots (``n_genes`` to change).
 Both arms use the same clustering (:func:`histosr.tl.domains`: log1p of counts scaled to
 1e4 over those genes, genes z-scored, 30 PCs, k-means with ``n_init=10`` and the run's
 seed, centres fitted on a seeded sample of at most 20,000 observations, no spatial
@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import metrics
+from ..errors import InputError
+from ..pp import select_genes
 from .common import Timer, log, method_factory, score_sections, section_features
 from .p2 import read_section
 
@@ -45,7 +46,7 @@ SCORING = {
     "labels": "section.annotations (pathologist), 'undetermined' and unlabelled spots not "
               "scored",
     "k": "number of distinct scored labels",
-    "genes": "hvg1000 rule on the measured spots (metrics.select_genes)",
+    "genes": "hvg1000 rule on the measured spots (histosr.pp.select_genes)",
     "clustering": "tl.domains: log1p of counts scaled to 1e4 over the selected genes, genes "
                   "z-scored (clip 10), 30 PCs, k-means n_init=10, seed = run seed, no "
                   "smoothing; the same for spots and superpixels (above 20,000 superpixels "
@@ -122,7 +123,7 @@ def run_section(section, make_method, encoder: str, cache_dir: Path | None, seed
 
     t = Timer().__enter__()
     if section.annotations is None:
-        raise ValueError(f"section {section.name!r} has no pathologist labels "
+        raise InputError(f"section {section.name!r} has no pathologist labels "
                          "(labels/<name>_labeled_coordinates.tsv)")
     lab = section.annotations.reindex(section.counts.obs_names)
     labels = lab.astype(object).where(lab.notna(), None).to_numpy()
@@ -130,8 +131,8 @@ def run_section(section, make_method, encoder: str, cache_dir: Path | None, seed
     labels = np.array([str(v) for v in labels], dtype=object)
     k = len(set(labels[scored]))
     if k < 2:
-        raise ValueError(f"section {section.name!r}: fewer than 2 scored labels")
-    genes = metrics.select_genes(section.counts.X, section.genes, n_genes)
+        raise InputError(f"section {section.name!r}: fewer than 2 scored labels")
+    genes = select_genes(section, n_genes)
     opts = {k_: v for k_, v in CLUSTERING.items() if k_ != "smooth"}
 
     spots = spot_anndata(section, genes)
@@ -203,7 +204,9 @@ def domains(method="istar", sections=None, encoder: str = "handcrafted", data=No
     params = {**params, "seed": int(seed), "n_genes": int(n_genes), "clustering": CLUSTERING,
               "scoring": SCORING}
     if cache_dir is None and out is not None:
-        cache_dir = Path(out) / "cache"
+        from ..features.cache import cache_dir_for
+
+        cache_dir = cache_dir_for(out)
     if cache_dir is not None:
         params["checkpoints"] = "cache_dir/ckpt-<section> (finished states are reused)"
     def score_one(s):

@@ -29,6 +29,9 @@ import numpy as np
 
 from .. import metrics
 from ..arrays import columns
+from ..errors import InputError
+from ..methods.base import SPOT
+from ..pp import select_genes
 from .common import (
     Timer,
     gene_scores,
@@ -79,8 +82,8 @@ def predict_held_out(method, train_sec, held_xy: np.ndarray, genes: list[str], e
                      library: str = "predicted") -> np.ndarray:
     """Fit ``method`` on ``train_sec`` and return log1p CP10k predictions (held-out x genes,
     in ``genes`` order)."""
-    if getattr(method, "kind", "superpixel") == "spot":
-        if cache_dir is not None and getattr(method, "cache_dir", None) is None:
+    if method.kind == SPOT:
+        if cache_dir is not None and method.cache_dir is None:
             method.cache_dir = str(cache_dir)
         method.fit([train_sec], genes=genes)
         pred = method.predict(train_sec, at=held_xy)
@@ -110,9 +113,9 @@ def run_section(native, make_method, encoder: str, cache_dir: Path | None,
     """Score one section (already read) under P1."""
     t = Timer().__enter__()
     train_ids, held = split(native.counts.obs_names)
-    genes = metrics.select_genes(native.counts.X, native.genes, 1000)
+    genes = select_genes(native, 1000)
     if len(genes) < 2:
-        raise ValueError(f"section {native.name!r}: fewer than 2 genes pass the 10% filter")
+        raise InputError(f"section {native.name!r}: fewer than 2 genes pass the 10% filter")
     train_sec = subset(native, train_ids)
     test = subset(native, held, "_held_out")
     method = make_method()
@@ -122,7 +125,7 @@ def run_section(native, make_method, encoder: str, cache_dir: Path | None,
                             native.spot_diameter_um, library)
     lib = np.asarray(test.counts.X.sum(axis=1), dtype=np.float64).ravel()
     truth = metrics.log_cp10k(test.dense_counts(genes), lib)
-    if getattr(method, "kind", "superpixel") != "spot" and library == "measured":
+    if method.kind != SPOT and library == "measured":
         pred = metrics.log_cp10k(pred, lib)
     scores = score_held_out(pred, truth)
     scores.update({"n_spots": int(test.n_spots), "n_train_spots": int(train_sec.n_spots),
@@ -138,17 +141,13 @@ def p1(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
     ``consistency`` applies to super-resolution methods only (spot methods predict whole
     spots: recorded as False for them)."""
     from ..datasets import HER2ST_SECTIONS
-    from ..methods.base import _REGISTRY, available_methods
+    from ..methods.base import method_class
 
     if library not in ("predicted", "measured"):
-        raise ValueError(f"library must be 'predicted' or 'measured', got {library!r}")
+        raise InputError(f"library must be 'predicted' or 'measured', got {library!r}")
     t = Timer().__enter__()
-    if isinstance(method, str):
-        available_methods()
-        cls = _REGISTRY.get(method)
-    else:
-        cls = type(method)
-    spot = cls is not None and getattr(cls, "kind", "superpixel") == "spot"
+    cls = method_class(method) if isinstance(method, str) else type(method)
+    spot = cls.kind == SPOT
     if spot:
         consistency = False  # does not apply: spot methods predict whole spots
     make, params, mname = method_factory(method, epochs=epochs, n_states=n_states, seed=seed,
@@ -159,7 +158,9 @@ def p1(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
             + ("sum of predicted scored-gene counts / scored-gene share of the training spots"
                if library == "predicted" else "measured held-out library (all genes)"))}}
     if cache_dir is None and out is not None:
-        cache_dir = Path(out) / "cache"
+        from ..features.cache import cache_dir_for
+
+        cache_dir = cache_dir_for(out)
     sections = list(sections or HER2ST_SECTIONS)
 
     def score_one(s):

@@ -35,7 +35,9 @@ import numpy as np
 
 from .. import metrics
 from ..arrays import columns
+from ..errors import InputError
 from ..geometry import pool_spots
+from ..pp import select_genes
 from .common import Timer, gene_scores, log, method_factory, score_sections, section_features
 
 PROTOCOL = "p2"
@@ -80,7 +82,7 @@ def predicted_library(pred_counts: np.ndarray, pooled, block_of_native,
     phi = np.divide(sel, tot, out=np.ones_like(tot), where=tot > 0)
     b = pooled.counts.obs_names.get_indexer(np.asarray(block_of_native))
     if (b < 0).any():
-        raise ValueError("native spots whose block is not a pseudo-spot of the pooled section")
+        raise InputError("native spots whose block is not a pseudo-spot of the pooled section")
     s = np.asarray(pred_counts, dtype=np.float64).sum(axis=1)
     return s / np.maximum(phi[b], 1e-12)
 
@@ -117,9 +119,9 @@ def run_section(native, make_method, encoder: str, cache_dir: Path | None,
     """Score one native section (already read) under P2."""
     t = Timer().__enter__()
     pooled, block = pool_spots(native, 2)
-    genes = metrics.select_genes(native.counts.X, native.genes, 1000)
+    genes = select_genes(native, 1000)
     if len(genes) < 2:
-        raise ValueError(f"section {native.name!r}: fewer than 2 genes pass the 10% filter")
+        raise InputError(f"section {native.name!r}: fewer than 2 genes pass the 10% filter")
     method = make_method()
     fm = section_features(native, method, encoder, cache_dir, progress)
     log(progress, f"{native.name}: fit {method.name} on {pooled.n_spots} pseudo-spots, "
@@ -155,13 +157,15 @@ def p2(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
     make, params, mname = method_factory(method, epochs=epochs, n_states=n_states, seed=seed,
                                          progress=progress, consistency=consistency)
     if library not in ("predicted", "measured"):
-        raise ValueError(f"library must be 'predicted' or 'measured', got {library!r}")
+        raise InputError(f"library must be 'predicted' or 'measured', got {library!r}")
     params = {**params, "seed": int(seed), "scoring": {
         **SCORING, "prediction_library": library + (
             ": sum of predicted scored-gene counts / scored-gene share of its pseudo-spot"
             if library == "predicted" else ": measured native library (all genes)")}}
     if cache_dir is None and out is not None:
-        cache_dir = Path(out) / "cache"
+        from ..features.cache import cache_dir_for
+
+        cache_dir = cache_dir_for(out)
     sections = list(sections or HER2ST_SECTIONS)
     def score_one(s):
         native = read_section(data, s) if isinstance(s, str) else s

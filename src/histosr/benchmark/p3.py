@@ -28,13 +28,14 @@ measured spots, predict the held-out section from its H&E alone and score its sp
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 
 from .. import metrics
 from ..arrays import columns
+from ..errors import InputError
 from ..image_only import image_only_view
+from ..pp import select_genes
 from .common import Timer, gene_scores, log, method_factory, peak_rss_mb
 
 PROTOCOL = "p3"
@@ -46,30 +47,6 @@ SCORING = {
 }
 #: P3 names whose registered meaning cannot predict an unmeasured section
 METHOD_MAP = {"knn": "knn_features"}
-
-
-def select_genes_pooled(sections, n: int, min_frac: float = 0.10) -> list[str]:
-    """The HEST gene rule over the pooled spots of ``sections`` (genes measured in all of
-    them): detected (count > 0) in >= ``min_frac`` of the pooled spots, then the ``n`` with
-    the highest variance of log1p CP10k (each spot's library = its total over ALL its
-    genes). Ties keep the first section's gene order."""
-    common = set(sections[0].genes)
-    for s in sections[1:]:
-        common &= set(s.genes)
-    genes = [g for g in sections[0].genes if g in common]
-    if not genes:
-        raise ValueError("the training sections share no gene")
-    vals, det = [], []
-    for s in sections:
-        lib = np.asarray(s.counts.X.sum(axis=1), dtype=np.float64).ravel()
-        c = s.dense_counts(genes)
-        det.append(c > 0)
-        vals.append(metrics.log_cp10k(c, lib))
-    frac = np.concatenate(det).mean(axis=0)
-    keep = np.flatnonzero(frac >= min_frac)
-    var = np.concatenate(vals)[:, keep].var(axis=0)
-    order = np.argsort(-var, kind="stable")[:n]
-    return [genes[keep[i]] for i in order]
 
 
 def truth_matrix(section, genes: list[str]) -> np.ndarray:
@@ -106,9 +83,9 @@ def run_fold(test, train, method, data=None, n_genes: int = 1000, progress: bool
     t = Timer().__enter__()
     test_sec = _load(test, data)
     train_secs = [_load(s, data) for s in train]
-    genes = select_genes_pooled(train_secs, n_genes)
+    genes = select_genes(train_secs, n_genes)
     if len(genes) < 2:
-        raise ValueError(f"fold {test_sec.name}: fewer than 2 genes pass the 10% filter")
+        raise InputError(f"fold {test_sec.name}: fewer than 2 genes pass the 10% filter")
     m = dataclasses.replace(method)
     log(progress, f"{test_sec.name}: fit {m.name} on {', '.join(s.name for s in train_secs)} "
                   f"({sum(s.n_spots for s in train_secs)} spots, {len(genes)} genes)")
@@ -131,25 +108,27 @@ def p3(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
     or a ``distributed.Client`` (see :func:`histosr.cluster.dask_client`)."""
     from ..datasets import HER2ST_SECTIONS
     from ..methods.spot import SpotMethod
-    from . import report
+    from . import results as report
 
     t = Timer().__enter__()
     mapped_from = None
     if isinstance(method, str) and method in METHOD_MAP:
         mapped_from, method = method, METHOD_MAP[method]
     if isinstance(method, str):
-        from .common import _method_class
+        from ..methods.base import method_class
 
-        cls = _method_class(method)
+        cls = method_class(method)
         if not issubclass(cls, SpotMethod):
-            raise ValueError(f"P3 predicts unmeasured sections from H&E alone: method "
+            raise InputError(f"P3 predicts unmeasured sections from H&E alone: method "
                              f"{method!r} is not a spot-level image method (use hespotex, "
                              "ridge, knn_features or mean)")
         method = cls(seed=int(seed))
     if not isinstance(method, SpotMethod):
-        raise ValueError(f"P3 needs a spot-level method, got {type(method).__name__}")
+        raise InputError(f"P3 needs a spot-level method, got {type(method).__name__}")
     if cache_dir is None and out is not None and not method.cache_dir:
-        cache_dir = Path(out) / "cache"
+        from ..features.cache import cache_dir_for
+
+        cache_dir = cache_dir_for(out)
     method = dataclasses.replace(method, encoder=encoder,
                                  cache_dir=str(cache_dir) if cache_dir else method.cache_dir)
     make, params, mname = method_factory(method, epochs=epochs, n_states=n_states, seed=seed,
@@ -167,7 +146,7 @@ def p3(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
                                         "image-feature space)")
     specs = list(sections or HER2ST_SECTIONS)
     if len(specs) < 2:
-        raise ValueError(f"P3 needs at least 2 sections (one held out), got {len(specs)}")
+        raise InputError(f"P3 needs at least 2 sections (one held out), got {len(specs)}")
     names = [s if isinstance(s, str) else s.name for s in specs]
     folds = [(specs[i], [s for j, s in enumerate(specs) if j != i]) for i in range(len(specs))]
 
@@ -213,5 +192,5 @@ def p3(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
     return res
 
 
-__all__ = ["p3", "run_fold", "select_genes_pooled", "image_only_view", "score_section",
+__all__ = ["p3", "run_fold", "image_only_view", "score_section",
            "METHOD_MAP"]

@@ -25,7 +25,9 @@ import numpy as np
 
 from .. import metrics
 from ..arrays import columns
+from ..errors import InputError
 from ..geometry import grid_for, section_footprints
+from ..pp import select_genes
 from .common import Timer, log, method_factory, score_sections, section_features
 
 PROTOCOL = "p4"
@@ -59,11 +61,11 @@ def score_superpixels(pred, section, seed: int = 0, genes: list[str] | None = No
     """
     truth = section.truth
     if truth is None:
-        raise ValueError(f"section {section.name!r} has no 8 um truth to score against")
+        raise InputError(f"section {section.name!r} has no 8 um truth to score against")
     tgenes = list(truth["genes"])
     genes = [g for g in (genes or list(pred.var_names)) if g in tgenes and g in pred.var_names]
     if not genes:
-        raise ValueError("no predicted gene has a truth map")
+        raise InputError("no predicted gene has a truth map")
     mask = np.asarray(truth["mask"], dtype=bool)
     cube = np.asarray(truth["cube"])
     T = cube[..., [tgenes.index(g) for g in genes]].astype(np.float64)
@@ -126,7 +128,7 @@ def run_section(section, make_method, encoder: str, cache_dir: Path | None, seed
     """Fit on a pseudo-spot section with truth, predict its tissue superpixels, score."""
     t = Timer().__enter__()
     mask = np.asarray(section.truth["mask"], dtype=bool)
-    genes = metrics.select_genes(section.counts.X, section.genes, 1000)
+    genes = select_genes(section, 1000)
     method = make_method()
     fm = section_features(section, method, encoder, cache_dir, progress, mask=mask)
     log(progress, f"{section.name}: fit {method.name} on {section.n_spots} spots, "
@@ -148,7 +150,7 @@ def _synthetic(s):
     try:
         sd = int(digits)
     except ValueError:
-        raise ValueError(
+        raise InputError(
             f"P4 section {s!r}: expected 'synthetic<seed>' or an integer seed (or a Section "
             "with an 8 um truth from the Python API)"
         ) from None
@@ -170,9 +172,11 @@ def p4(method, sections=None, encoder: str = "handcrafted", epochs=None, n_state
                                          progress=progress, consistency=consistency)
     params = {**params, "seed": int(seed), "scoring": SCORING}
     if cache_dir is None and out is not None:
-        cache_dir = Path(out) / "cache"
+        from ..features.cache import cache_dir_for
+
+        cache_dir = cache_dir_for(out)
     if data is not None:  # folders written by `histosr simulate` (truth.zarr + section.json)
-        from ..truth import simulated_sections
+        from ..simulate import simulated_sections
 
         sections = simulated_sections(data, names=sections)
     if sections is None:
@@ -180,7 +184,7 @@ def p4(method, sections=None, encoder: str = "handcrafted", epochs=None, n_state
     def score_one(s):
         sec = _synthetic(s)
         if sec.truth is None:
-            raise ValueError(f"P4 needs sections with an 8 um truth; {sec.name!r} has none")
+            raise InputError(f"P4 needs sections with an 8 um truth; {sec.name!r} has none")
         log(progress, f"{sec.name}: {sec.n_spots} pseudo-spots, "
                       f"{int(np.asarray(sec.truth['mask']).sum())} tissue superpixels")
         return sec.name, run_section(sec, make, encoder, cache_dir, seed, progress)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
 import numpy as np
+
+from ..keys import digest
 
 FORMAT_VERSION = 1
 
@@ -32,16 +32,14 @@ def image_identity(image) -> dict:
                     ident["meta_mtime_ns"] = (p / meta).stat().st_mtime_ns
         return ident
     arr = getattr(image, "array", None)
-    h = hashlib.blake2b(digest_size=16)
     if isinstance(arr, np.ndarray):
-        a = np.ascontiguousarray(arr)
-        h.update(memoryview(a.reshape(-1)).cast("B"))
-        return {"kind": "array", "blake2b": h.hexdigest(), "shape": list(arr.shape)}
+        return {"kind": "array", "blake2b": digest(arr), "shape": list(arr.shape)}
     H, W = shape
-    for y in np.linspace(0, max(H - 64, 0), 8).astype(int):
-        for x in np.linspace(0, max(W - 64, 0), 8).astype(int):
-            h.update(np.ascontiguousarray(image.read(int(y), int(x), 64, 64)).tobytes())
-    return {"kind": type(image).__qualname__, "sample_blake2b": h.hexdigest(), "shape": shape}
+    regions = [image.read(int(y), int(x), 64, 64)
+               for y in np.linspace(0, max(H - 64, 0), 8).astype(int)
+               for x in np.linspace(0, max(W - 64, 0), 8).astype(int)]
+    return {"kind": type(image).__qualname__, "sample_blake2b": digest(*regions),
+            "shape": shape}
 
 
 def feature_key(image, um_per_px: float, encoder: str, params: dict, tile_sp: int,
@@ -56,13 +54,18 @@ def feature_key(image, um_per_px: float, encoder: str, params: dict, tile_sp: in
         "tile_sp": int(tile_sp),
         "extra": extra or {},
     }
-    s = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.blake2b(s.encode(), digest_size=16).hexdigest()
+    return digest(payload)
 
 
-def array_digest(a: np.ndarray) -> str:
-    a = np.ascontiguousarray(a)
-    return hashlib.blake2b(a.tobytes() + str(a.shape).encode(), digest_size=16).hexdigest()
+CACHE_ENV = "HISTOSR_CACHE_DIR"
+
+
+def cache_dir_for(run_dir) -> Path:
+    """Where a run keeps features, crops and checkpoints: ``$HISTOSR_CACHE_DIR`` when set (one
+    cache shared by every run: a section's features are computed once), else
+    ``run_dir/cache``. Entries are keyed by their inputs, so sharing is safe."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path(run_dir) / "cache"
 
 
 def cache_path(cache_dir: str | os.PathLike, name: str, encoder: str, key: str) -> Path:

@@ -18,15 +18,15 @@ the image, pixel size, centres, size, grid and encoder parameters; a cached file
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import InputError
 from ..geometry import TARGET_UM_PER_PX, read_calibrated
-from .cache import array_digest, image_identity
+from ..keys import digest
+from .cache import image_identity
 
 CROP_FORMAT_VERSION = 1
 
@@ -85,11 +85,9 @@ def _split(crops: np.ndarray, grid: int) -> np.ndarray:
 
 
 def _key(section, centers: np.ndarray, size_px: int, grid: int, enc) -> str:
-    payload = {"version": CROP_FORMAT_VERSION, "image": image_identity(section.image),
-               "um_per_px": round(float(section.um_per_px), 9), "centers": array_digest(centers),
-               "size_px": size_px, "grid": grid, "encoder": _encoder_params(enc)}
-    s = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.blake2b(s.encode(), digest_size=16).hexdigest()
+    return digest({"version": CROP_FORMAT_VERSION, "image": image_identity(section.image),
+                   "um_per_px": round(float(section.um_per_px), 9), "size_px": size_px,
+                   "grid": grid, "encoder": _encoder_params(enc)}, np.asarray(centers))
 
 
 def crop_features(section, encoder="handcrafted", size_um: float = 56.0, centers=None,
@@ -106,9 +104,9 @@ def crop_features(section, encoder="handcrafted", size_um: float = 56.0, centers
         centers = section.counts.obsm["spatial"]
     centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
     if not np.isfinite(centers).all():
-        raise ValueError("crop centres must be finite (x, y) full-res pixel coordinates")
+        raise InputError("crop centres must be finite (x, y) full-res pixel coordinates")
     if size_um <= 0 or grid < 1:
-        raise ValueError(f"expected size_um > 0 and grid >= 1, got {size_um} and {grid}")
+        raise InputError(f"expected size_um > 0 and grid >= 1, got {size_um} and {grid}")
     size_px = int(round(size_um / TARGET_UM_PER_PX))
     size_px = max(grid, size_px - size_px % grid)
     path = None

@@ -104,6 +104,22 @@ class FeatureMap:
                    a["encoder"], a["meta"], str(path))
 
 
+def grid_only(section, mask: np.ndarray | None = None) -> FeatureMap:
+    """A FeatureMap with no feature channels: the section's superpixel grid and a tissue
+    mask (default: superpixels covered by the section's spot footprints), for methods that
+    read no image features (``needs_features`` False)."""
+    from ..geometry import grid_for, section_footprints
+
+    grid = grid_for(section)
+    if mask is None:
+        F = section_footprints(section, grid)
+        mask = np.zeros(grid.shape[0] * grid.shape[1], dtype=bool)
+        mask[F.indices] = True
+        mask = mask.reshape(grid.shape)
+    return FeatureMap(np.zeros((*grid.shape, 0), dtype=np.float16), np.asarray(mask, bool),
+                      grid, "none", {"note": "grid only: the method reads no image features"})
+
+
 def _create(group, name, shape, chunks, dtype):
     """zarr v2/v3 compatible array creation."""
     try:

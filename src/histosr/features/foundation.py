@@ -68,7 +68,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .registry import register_encoder
+from ..errors import InputError
+from ..params import Interval, Options
+from .registry import TORCH_PARAMS, WEIGHTS_PARAMS, register_encoder
 
 WEIGHTS_ENV = "HISTOSR_WEIGHTS_DIR"
 SP = 16  # calibrated px per superpixel
@@ -77,11 +79,11 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(InputError, FileNotFoundError):
     """No weights for an encoder: the message says what to fetch and where to put it."""
 
 
-class WeightsMismatchError(ValueError):
+class WeightsMismatchError(InputError):
     """A checkpoint that does not fit the encoder's architecture."""
 
 
@@ -180,7 +182,7 @@ def resolve_weights(spec: WeightsSpec, weights=None, hub: bool = False,
     """The checkpoint file to load, or None for ``random_init``; see the module docstring."""
     if random_init:
         if weights is not None or hub:
-            raise ValueError("random_init=True excludes weights=... and hub=True")
+            raise InputError("random_init=True excludes weights=... and hub=True")
         return None
     if weights is not None:
         p = Path(weights).expanduser()
@@ -342,14 +344,6 @@ def _import_open_clip():
     return open_clip
 
 
-def resolve_device(device: str = "auto") -> str:
-    import torch
-
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
-
-
 def resolve_precision(precision: str, device: str) -> str:
     import torch
 
@@ -358,7 +352,7 @@ def resolve_precision(precision: str, device: str) -> str:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "fp32"
     if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+        raise InputError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     return precision
 
 
@@ -375,7 +369,9 @@ class TorchEncoder:
 
     def __init__(self, device: str = "auto", precision: str = "auto", batch_size: int = 16,
                  channels_last: bool = True):
-        self.device = resolve_device(device)
+        from ..train import resolve_device  # one resolver for training and encoders
+
+        self.device = str(resolve_device(device))
         self.precision = resolve_precision(precision, self.device)
         self.batch_size = int(batch_size)
         self.channels_last = bool(channels_last)
@@ -463,7 +459,7 @@ class TorchEncoder:
             batch = batch[None]
         B, H, W = batch.shape[:3]
         if H % SP or W % SP:
-            raise ValueError(f"tile sides must be multiples of {SP} px, got {batch.shape}")
+            raise InputError(f"tile sides must be multiples of {SP} px, got {batch.shape}")
         hs, ws = H // SP, W // SP
         k, kp = self.window_sp, self.window_sp * SP
         nr, nc = -(-hs // k), -(-ws // k)
@@ -575,19 +571,19 @@ class TimmViTEncoder(TorchEncoder):
         else:
             model, meta = _build_module(factory, spec, weights, hub, random_init, seed)
         if not hasattr(model, "patch_embed") or not hasattr(model, "num_prefix_tokens"):
-            raise ValueError(f"timm model {model_name!r} is not a ViT (no patch_embed); "
+            raise InputError(f"timm model {model_name!r} is not a ViT (no patch_embed); "
                              "only ViT-style timm models give patch tokens")
         self.model = model
         self.meta = {"encoder": name, "architecture": model_name, **meta}
         patch = model.patch_embed.patch_size
         grid = model.patch_embed.grid_size
         if patch[0] != patch[1] or grid[0] != grid[1]:
-            raise ValueError(f"{model_name}: only square patches/images are supported")
+            raise InputError(f"{model_name}: only square patches/images are supported")
         # native: the model's own token grid; smaller/larger windows resample the position
         # embedding (dynamic_img_size) - for tests, or for more context per window
         self.window_sp = int(window_sp or grid[0])
         if window_sp and not getattr(model, "dynamic_img_size", False):
-            raise ValueError(f"window_sp={window_sp} needs a timm model built with "
+            raise InputError(f"window_sp={window_sp} needs a timm model built with "
                              "dynamic_img_size=True")
         self.input_px = int(self.window_sp * patch[0])
         self.dim = int(model.num_features)
@@ -619,7 +615,10 @@ def _state_sha16(module) -> str:
     return h.hexdigest()[:16]
 
 
-@register_encoder("uni")
+_VIT_PARAMS = {**TORCH_PARAMS, **WEIGHTS_PARAMS, "window_sp": (int | None, Interval(int, 1))}
+
+
+@register_encoder("uni", params=_VIT_PARAMS)
 def uni(weights=None, hub: bool = False, random_init: bool = False, seed: int = 0,
         **kw) -> TimmViTEncoder:
     """UNI (ViT-L/16, MahmoodLab/UNI): 1024-d patch tokens, one per superpixel."""
@@ -628,7 +627,7 @@ def uni(weights=None, hub: bool = False, random_init: bool = False, seed: int = 
                           mean=IMAGENET_MEAN, std=IMAGENET_STD, **kw)
 
 
-@register_encoder("uni2")
+@register_encoder("uni2", params=_VIT_PARAMS)
 def uni2(weights=None, hub: bool = False, random_init: bool = False, seed: int = 0,
          **kw) -> TimmViTEncoder:
     """UNI2-h (ViT-H/14, 8 registers, SwiGLU): 1536-d tokens, a 256 px window -> 224 px."""
@@ -637,7 +636,9 @@ def uni2(weights=None, hub: bool = False, random_init: bool = False, seed: int =
                           mean=IMAGENET_MEAN, std=IMAGENET_STD, **kw)
 
 
-@register_encoder("timm:")
+@register_encoder("timm:", params={**_VIT_PARAMS, "model_kwargs": (dict | None, None),
+                                     "mean": (tuple[float, ...] | None, None),
+                                     "std": (tuple[float, ...] | None, None)})
 def timm_encoder(model_name: str, weights=None, hub: bool = False, random_init: bool = False,
                  seed: int = 0, model_kwargs: dict | None = None, **kw) -> TimmViTEncoder:
     """Any timm ViT by name; weights from a user checkpoint (``weights=`` or
@@ -657,9 +658,9 @@ class QuiltNetEncoder(TorchEncoder):
                  seed: int = 0, mode: str = "crop", normalize: str = "clip", **kw):
         super().__init__(**kw)
         if mode not in ("crop", "tokens"):
-            raise ValueError(f"quiltnet mode must be 'crop' or 'tokens', got {mode!r}")
+            raise InputError(f"quiltnet mode must be 'crop' or 'tokens', got {mode!r}")
         if normalize not in ("clip", "raw"):
-            raise ValueError(f"quiltnet normalize must be 'clip' or 'raw', got {normalize!r}")
+            raise InputError(f"quiltnet normalize must be 'clip' or 'raw', got {normalize!r}")
         open_clip = _import_open_clip()
         from open_clip.model import CLIPVisionCfg, _build_vision_tower
 
@@ -707,7 +708,9 @@ class QuiltNetEncoder(TorchEncoder):
         return F.normalize(self.model(x)[0].float(), dim=-1)
 
 
-@register_encoder("quiltnet")
+@register_encoder("quiltnet", params={
+    **TORCH_PARAMS, **WEIGHTS_PARAMS, "mode": (str, Options("crop", "tokens")),
+    "normalize": (str, Options("clip", "raw"))})
 def quiltnet(**kw) -> QuiltNetEncoder:
     """QuiltNet-B-32 image embedding (HESpotEx), per 224 px window or per 32 px token."""
     return QuiltNetEncoder(**kw)
@@ -765,7 +768,7 @@ class HIPTEncoder(TorchEncoder):
         timm = _import_timm()
         region_sp = int(region_sp)
         if region_sp < 16 or region_sp % 16:
-            raise ValueError(f"hipt region_sp must be a multiple of 16 (256 px), got {region_sp}")
+            raise InputError(f"hipt region_sp must be a multiple of 16 (256 px), got {region_sp}")
         self.name, self.region_sp = "hipt", region_sp
         self.window_sp, self.input_px = region_sp, region_sp * SP
         w256, w4k = _hipt_paths(weights)
@@ -827,16 +830,17 @@ def _hipt_paths(weights):
         return None, None
     if isinstance(weights, (tuple, list)):
         if len(weights) != 2:
-            raise ValueError("hipt weights: a folder or (vit256 path, vit4k path)")
+            raise InputError("hipt weights: a folder or (vit256 path, vit4k path)")
         return weights[0], weights[1]
     p = Path(weights).expanduser()
     if p.is_dir():
         return p / SPECS["hipt256"].filename, p / SPECS["hipt4k"].filename
-    raise ValueError(f"hipt weights: pass the folder holding {SPECS['hipt256'].filename} and "
+    raise InputError(f"hipt weights: pass the folder holding {SPECS['hipt256'].filename} and "
                      f"{SPECS['hipt4k'].filename}, or a pair of paths; got {weights}")
 
 
-@register_encoder("hipt")
+@register_encoder("hipt", params={**TORCH_PARAMS, **WEIGHTS_PARAMS,
+                                   "region_sp": (int, Interval(int, 16))})
 def hipt(**kw) -> HIPTEncoder:
     """iStar's HIPT features: ViT-4K region tokens (192) || ViT-256 patch tokens (384)."""
     return HIPTEncoder(**kw)

@@ -29,6 +29,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..errors import InputError
+from ..params import Interval
 from .registry import register_encoder
 
 SP = 16
@@ -120,7 +122,7 @@ class HandcraftedEncoder:
     def _base_one(self, tile: np.ndarray) -> np.ndarray:
         th, tw = tile.shape[:2]
         if th % SP or tw % SP:
-            raise ValueError(f"tile sides must be multiples of {SP} px, got {tile.shape}")
+            raise InputError(f"tile sides must be multiples of {SP} px, got {tile.shape}")
         # planar uint8 channels: every per-pixel step below is a contiguous 2-D pass
         r8, g8, b8 = np.ascontiguousarray(np.moveaxis(tile[..., :3], 2, 0), dtype=np.uint8)
         out = np.empty((th // SP, tw // SP, self.base_dim), dtype=np.float32)
@@ -198,6 +200,9 @@ class HandcraftedEncoder:
         return np.stack([self.add_context(b) for b in base])
 
 
-@register_encoder("handcrafted")
+@register_encoder("handcrafted", params={
+    "context_um": (tuple[float, ...], None), "h_lo": (float, Interval(float, 0)),
+    "h_hi": (float, Interval(float, 0)), "eosin_thr": (float, Interval(float, 0)),
+    "nuclei_thr": (float, Interval(float, 0))})
 def _handcrafted(**kwargs) -> HandcraftedEncoder:
     return HandcraftedEncoder(**kwargs)

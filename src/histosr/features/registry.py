@@ -4,14 +4,20 @@ An encoder turns calibrated (0.5 um/px) RGB tiles into one feature vector per 16
 superpixel: ``embed_tiles(batch)`` takes uint8 (B, T, T, 3) tiles, T a multiple of 16, and
 returns float32 (B, T/16, T/16, dim) tokens. ``context_sp`` is how many superpixels of
 context each side a tile needs (the tiler reads tiles with that halo and crops it off).
+
+Each encoder declares its parameters where it registers (``params={name: (type,
+constraint)}``, see :mod:`histosr.params`): :func:`check_encoder` validates a name and its
+parameters without building anything, so a typo fails before any tile is read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
+
+from ..params import DEVICE, Interval, Options, validate_kwargs
+from ..registry import Registry
 
 
 class Encoder(Protocol):
@@ -23,37 +29,54 @@ class Encoder(Protocol):
     def embed_tiles(self, batch: np.ndarray) -> np.ndarray: ...
 
 
-_REGISTRY: dict[str, Callable[..., Encoder]] = {}
+def _load_builtin() -> None:
+    # registering imports nothing heavy: torch/timm/open_clip load when an encoder is built
+    from . import foundation, handcrafted  # noqa: F401 - uni, uni2, timm:, quiltnet, hipt
 
 
-def register_encoder(name: str):
-    """Decorator: register an encoder factory under ``name``."""
+REGISTRY = Registry("encoder", _load_builtin)
 
-    def deco(factory):
-        _REGISTRY[name] = factory
-        return factory
+#: parameters every network encoder takes (device, numerics, batching)
+TORCH_PARAMS = {
+    "device": (str, DEVICE), "precision": (str, Options("auto", "fp32", "bf16", "fp16")),
+    "batch_size": (int, Interval(int, 1)), "channels_last": (bool, None),
+}
+#: parameters of encoders with weights (never downloaded unless hub=True)
+WEIGHTS_PARAMS = {
+    "weights": (str | None, None), "hub": (bool, None), "random_init": (bool, None),
+    "seed": (int, Interval(int, 0)),
+}
 
-    return deco
+
+def register_encoder(name: str, params: dict | None = None):
+    """Decorator: register an encoder factory under ``name`` (``"prefix:"`` for a family
+    such as ``"timm:<model>"``). ``params``: its keyword parameters as ``{name: (type,
+    constraint or None)}``; ``None`` accepts any keyword (third-party encoders)."""
+    return REGISTRY.register(name, params=params)
 
 
 def available_encoders() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
+    return REGISTRY.names()
+
+
+def check_encoder(name: str, **kwargs) -> dict:
+    """Validate an encoder name and its parameters (normalised dict) without building it."""
+    spec = REGISTRY.meta(name).get("params")
+    if spec is None:
+        return dict(kwargs)
+    kwargs = {k: (str(v) if k == "weights" and v is not None and not isinstance(v, str) else v)
+              for k, v in kwargs.items()}
+    return validate_kwargs(f"encoder {name!r}", kwargs, spec)
 
 
 def get_encoder(name: str, **kwargs) -> Encoder:
     """Build an encoder by name (``"handcrafted"``, ``"uni"``, ``"timm:<model>"``...)."""
-    _load_builtin()
-    key = name.split(":", 1)[0] + ":" if name.startswith("timm:") else name
-    if key not in _REGISTRY:
-        raise ValueError(
-            f"unknown encoder {name!r}: expected one of {', '.join(available_encoders())}"
-        )
-    if key.endswith(":"):
-        return _REGISTRY[key](name.split(":", 1)[1], **kwargs)
-    return _REGISTRY[key](**kwargs)
+    kwargs = check_encoder(name, **kwargs)
+    factory = REGISTRY.get(name)
+    if REGISTRY.key(name).endswith(":"):
+        return factory(name.split(":", 1)[1], **kwargs)
+    return factory(**kwargs)
 
 
-def _load_builtin() -> None:
-    # registering imports nothing heavy: torch/timm/open_clip load when an encoder is built
-    from . import foundation, handcrafted  # noqa: F401 - uni, uni2, timm:, quiltnet, hipt
+__all__ = ["Encoder", "REGISTRY", "register_encoder", "available_encoders", "get_encoder",
+           "check_encoder", "TORCH_PARAMS", "WEIGHTS_PARAMS"]

@@ -51,8 +51,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..errors import InputError
 from ..geometry import SP_PX, grid_for, read_calibrated
-from .cache import array_digest, cache_path, feature_key
+from ..keys import digest
+from .cache import cache_path, feature_key
 from .featuremap import FeatureMap, create_zarr_array
 from .registry import get_encoder
 
@@ -250,9 +252,9 @@ def compute(
 
     tile_sp = int(tile_sp)
     if tile_sp < 1:
-        raise ValueError(f"tile_sp must be >= 1 superpixel, got {tile_sp}")
+        raise InputError(f"tile_sp must be >= 1 superpixel, got {tile_sp}")
     if scheduler is not None and not isinstance(encoder, str):
-        raise ValueError(
+        raise InputError(
             "with scheduler= the encoder must be given by its registry name (e.g. 'uni') and "
             "its parameters as keyword arguments, so that each Dask worker builds its own; "
             f"got an encoder object {type(encoder).__name__}"
@@ -279,7 +281,7 @@ def _compute(section, enc, info, enc_spec, enc_kwargs, out, cache_dir, tile_sp, 
     import zarr
     from tqdm.auto import tqdm
 
-    from ..tissue import mean_rgb_sp, tissue_mask
+    from ..tissue import TISSUE_VERSION, section_tissue_mask
 
     enc_name = info["name"]
     grid = grid_for(section)
@@ -290,12 +292,12 @@ def _compute(section, enc, info, enc_spec, enc_kwargs, out, cache_dir, tile_sp, 
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != (H, W):
-            raise ValueError(f"mask shape {mask.shape} != superpixel grid shape {(H, W)}")
+            raise InputError(f"mask shape {mask.shape} != superpixel grid shape {(H, W)}")
     params = info["params"]
     key = feature_key(
         section.image, section.um_per_px, enc_name, params, tile_sp,
         extra={"tissue_only": bool(tissue_only),
-               "mask": None if mask is None else array_digest(mask)},
+               "mask": f"tissue-v{TISSUE_VERSION}" if mask is None else digest(mask)},
     )
 
     # -- where the result goes; reuse a complete one ------------------------------------
@@ -320,7 +322,7 @@ def _compute(section, enc, info, enc_spec, enc_kwargs, out, cache_dir, tile_sp, 
         if wattrs is not None and "mask" in zarr.open_group(str(work), mode="r"):
             mask = np.asarray(zarr.open_group(str(work), mode="r")["mask"][:], dtype=bool)
         else:
-            mask = tissue_mask(mean_rgb_sp(section.image, section.um_per_px))
+            mask = section_tissue_mask(section)
 
     meta = {
         "cache_key": key, "encoder_params": params, "tile_sp": tile_sp,

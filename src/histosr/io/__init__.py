@@ -57,7 +57,7 @@ def write_spatialdata(path, section, prediction=None, **kw):
 
 def read_simulated(path, **kw) -> Section:
     """A simulated section with its 8 um truth (see :func:`histosr.truth.read_simulated`)."""
-    from ..truth import read_simulated as _read
+    from ..simulate import read_simulated as _read
 
     return _read(path, **kw)
 

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..errors import InputError
 from ..geometry import SP_UM
 from ..image import ImageSource
 from ..section import PLATFORM_DIAMETER_UM, Section, SectionError, make_counts, validate
@@ -219,8 +220,10 @@ def _dask_image(image: ImageSource, chunk: int = 2048):
         for x in range(0, w, chunk):
             hh, ww = min(chunk, h - y), min(chunk, w - x)
             row.append(da.from_delayed(delayed(image.read)(y, x, hh, ww), (hh, ww, 3), np.uint8))
-        rows.append(row)
-    return da.block(rows).transpose(2, 0, 1)
+        # explicit axes: da.block would join (h, w, 3) tiles along the LAST axes, which fails
+        # (or mixes channels in) as soon as an edge tile is narrower than the chunk
+        rows.append(da.concatenate(row, axis=1))
+    return da.concatenate(rows, axis=0).transpose(2, 0, 1)
 
 
 def _table(adata, region: str):
@@ -311,7 +314,7 @@ def write_spatialdata(
         if spot_level:
             missing = [s for s in prediction.obs_names if s not in section.counts.obs_names]
             if missing:
-                raise ValueError(f"spot-level prediction holds spots that are not the section's "
+                raise InputError(f"spot-level prediction holds spots that are not the section's "
                                  f"own (e.g. {missing[:3]}): write superpixel predictions, or "
                                  "predictions at the section's spots")
             order = section.counts.obs_names.get_indexer(prediction.obs_names)

@@ -1,17 +1,32 @@
-"""Method base class and registry (scikit-learn style estimators, built by name).
+"""One estimator contract for every method (scikit-learn style, built by name).
 
-A super-resolution method predicts raw-count-like values per 8 um superpixel: the sum over
-a spot's footprint approximates that spot's counts. Subclasses implement ``_fit`` and
-``_predict_cells``; the base class turns cell predictions into AnnData at superpixels,
-at the section's spots or at arbitrary coordinates, and applies the shared
-mass-preserving consistency step (:mod:`histosr.consistency`).
+Every method is a dataclass whose fields are its hyper-parameters (published defaults),
+validated declaratively (:mod:`histosr.params`) when it is built and when it is fitted::
+
+    m = get_method("istar", epochs=100)      # ParameterError for a bad value or name
+    m.fit(sections, features, genes=None)    # genes: default the HEST rule's top 1000
+    adata = m.predict(section, features)     # at=None: the method's natural target
+    m.save("model"); m2 = load_method("model")
+
+Two kinds, told apart by the tag ``kind`` (see :meth:`Method.tags`), never by ``getattr``:
+
+* ``"superpixel"`` (super-resolution: istar, histex, deephex and the nearest / bilinear / knn
+  baselines): counts per 8 um superpixel; natural target ``"superpixels"``;
+  ``at="spots"`` (or an (n, 2) array of px) gives sums over spot footprints; the shared
+  mass-preserving consistency step (:mod:`histosr.consistency`) is a parameter.
+* ``"spot"`` (hishrst, trihrge, ridge, knn_features, mean, hespotex): log1p CP10k of whole
+  spot-sized disks from spot-crop features they read themselves; natural target
+  ``"spots"``; they also predict at any (n, 2) array of px (densified grids, image-only
+  lattices).
+
+Fitted state lives in attributes ending with ``_``; a model folder is JSON + arrays +
+tensors (:mod:`histosr.methods.persist`), never a pickle.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,9 +35,35 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from ..errors import InputError
 from ..geometry import Grid, disk_cells, footprint_matrix
+from ..keys import digest, dumps, jsonable
+from ..params import Interval, ParameterError, check_names, validate_fields
+from ..registry import Registry
 
-_REGISTRY: dict[str, type[Method]] = {}
+SUPERPIXEL, SPOT = "superpixel", "spot"
+KINDS = (SUPERPIXEL, SPOT)
+#: what X holds in a method's predictions, per kind
+SCALES = {SUPERPIXEL: "counts per 8 um superpixel", SPOT: "log1p_cp10k"}
+#: default genes fitted when none are given: the HEST rule's top N (histosr.pp.select_genes)
+DEFAULT_N_GENES = 1000
+
+
+class NotFittedError(InputError, AttributeError):
+    """``predict``/``save`` called on a method that was not fitted (scikit-learn's name)."""
+
+
+class PredictionTooLargeError(InputError):
+    """An in-memory prediction that would not fit in memory; the message gives its size and
+    the alternatives."""
+
+
+def _load_builtin() -> None:
+    # importing the modules registers them
+    from . import baselines, hespotex, hishrst, histex, istar, ridge, trihrge  # noqa: F401
+
+
+REGISTRY = Registry("method", _load_builtin)
 
 
 def register_method(name: str):
@@ -30,57 +71,256 @@ def register_method(name: str):
 
     def deco(cls):
         cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+        return REGISTRY.register(name)(cls)
 
     return deco
 
 
 def available_methods() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
+    return REGISTRY.names()
+
+
+def method_class(name: str) -> type[Method]:
+    """The class registered under ``name`` (:class:`UnknownNameError` otherwise)."""
+    return REGISTRY.get(name)
 
 
 def get_method(name: str, **params) -> Method:
-    """Build a method by name with plain keyword hyper-parameters."""
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown method {name!r}: expected one of {', '.join(available_methods())}")
-    cls = _REGISTRY[name]
-    names = {f.name for f in dataclasses.fields(cls)}
-    bad = sorted(set(params) - names)
-    if bad:
-        raise ValueError(
-            f"method {name!r} has no parameter(s) {bad}: expected some of {sorted(names)}"
-        )
+    """Build a method by name with plain keyword hyper-parameters, validated."""
+    cls = method_class(name)
+    check_names(f"method {name!r}", params, cls.param_names())
     return cls(**params)
 
 
-def _load_builtin() -> None:
-    # register built-in methods; hespotex, ridge: H&E-only spot methods (P3); hishrst,
-    # trihrge: spot recovery / densification
-    from . import baselines, hespotex, hishrst, histex, istar, ridge, trihrge  # noqa: F401
+def section_record(section) -> dict:
+    """What identifies a section's measurements: name, spots, a digest of ids and counts."""
+    return {"name": str(section.name), "n_spots": int(section.n_spots),
+            "key": digest(list(map(str, section.counts.obs_names)),
+                          list(map(str, section.counts.var_names)), section.counts.X)}
 
 
 @dataclass
 class Method:
-    """Base estimator. Hyper-parameters are dataclass fields (published defaults).
-
-    Fitted state lives in attributes ending with ``_`` (``genes_`` etc.).
-    """
+    """Base estimator: parameters, validation, fitted check, persistence, tags. Subclass
+    :class:`SuperpixelMethod` or :class:`~histosr.methods.spot.SpotMethod`, not this."""
 
     name: ClassVar[str] = "method"
-    #: super-resolution methods predict per superpixel; spot-level methods override predict
-    kind: ClassVar[str] = "superpixel"
-    #: False for methods that read no image features (only the FeatureMap's grid and mask):
-    #: benchmarks then skip the encoder and pass a grid-only FeatureMap
+    kind: ClassVar[str] = SUPERPIXEL
+    #: False for methods that read no superpixel FeatureMap channels (only its grid and
+    #: mask, or nothing): callers may then pass a grid-only FeatureMap
     needs_features: ClassVar[bool] = True
+    #: True for methods that can predict a section from its image alone (no measured spot)
+    image_only: ClassVar[bool] = False
+    #: ranges and choices of parameters (types come from the field annotations)
+    constraints: ClassVar[dict] = {"seed": Interval(int, 0)}
+    #: parameters that change how a fit runs, not what it learns: not saved with a model,
+    #: not part of checkpoint keys
+    runtime: ClassVar[tuple] = ("progress", "device", "checkpoint_dir", "cache_dir")
 
     seed: int = 0
-    consistency: bool = False
+    progress: bool = True
     genes_: list[str] | None = field(default=None, init=False, repr=False)
+    training_sections_: list[dict] | None = field(default=None, init=False, repr=False)
 
-    # -- to implement -------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        self.validate_params()
+
+    # -- parameters -------------------------------------------------------------------------
+    @classmethod
+    def param_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.init]
+
+    @classmethod
+    def all_constraints(cls) -> dict:
+        out: dict = {}
+        for k in reversed(cls.__mro__):
+            out.update(k.__dict__.get("constraints", {}))
+        return out
+
+    def validate_params(self) -> None:
+        """Check every parameter's type and range (:class:`ParameterError`)."""
+        validate_fields(self, self.all_constraints(), self.name)
+        self._check_params()
+
+    def _check_params(self) -> None:
+        """Checks that involve several parameters (subclasses)."""
+
+    def params(self) -> dict[str, Any]:
+        return {n: getattr(self, n) for n in self.param_names()}
+
+    def set_params(self, **params) -> Method:
+        """Set parameters by name (validated, scikit-learn's ``set_params``)."""
+        check_names(f"method {self.name!r}", params, self.param_names())
+        for k, v in params.items():
+            setattr(self, k, v)
+        self.validate_params()
+        return self
+
+    def learned_params(self) -> dict[str, Any]:
+        """Parameters without the runtime ones (what a fit depends on)."""
+        return {k: v for k, v in self.params().items() if k not in self.runtime}
+
+    @classmethod
+    def tags(cls) -> dict:
+        """What a caller needs to know about a method without building it."""
+        return {"kind": cls.kind, "target": "superpixels" if cls.kind == SUPERPIXEL else "spots",
+                "scale": SCALES[cls.kind], "needs_features": bool(cls.needs_features),
+                "image_only": bool(cls.image_only),
+                "consistency": cls.kind == SUPERPIXEL}
+
+    @property
+    def target(self) -> str:
+        return self.tags()["target"]
+
+    # -- fitting ----------------------------------------------------------------------------
+    def fit(self, sections, features=None, genes=None) -> Method:
+        """Fit on one or more sections (their measured spots) and, for methods that read
+        them, their FeatureMaps. ``genes``: a list (each must be measured in every
+        section), ``"all"`` (every gene measured in all sections) or ``None`` (default: the
+        HEST rule's top 1000 over the pooled spots, :func:`histosr.pp.select_genes`)."""
+        self.validate_params()
+        sections = list(sections) if isinstance(sections, (list, tuple)) else [sections]
+        if not sections:
+            raise InputError(f"{self.name}: fit needs at least one section")
+        if features is not None:
+            features = list(features) if isinstance(features, (list, tuple)) else [features]
+            if len(features) != len(sections):
+                raise InputError(f"got {len(sections)} sections but {len(features)} feature maps")
+        self.genes_ = fit_genes(sections, genes)
+        self.training_sections_ = [section_record(s) for s in sections]
+        self._fit_kind(sections, features)
+        return self
+
+    def _fit_kind(self, sections, features) -> None:  # pragma: no cover - per kind
+        raise NotImplementedError
+
+    def check_fitted(self) -> None:
+        if self.genes_ is None:
+            raise NotFittedError(f"this {self.name} is not fitted yet: call fit(sections, "
+                                 "features) first (or load a fitted model folder)")
+
+    _check_fitted = check_fitted  # older name
+
+    def predict(self, section, features=None, at=None, **kw) -> ad.AnnData:  # pragma: no cover
+        raise NotImplementedError
+
+    def fitted_on(self, section) -> bool:
+        """Whether ``section`` (its very counts) is one the method was fitted on."""
+        key = section_record(section)["key"]
+        return any(r.get("key") == key for r in self.training_sections_ or [])
+
+    def _uns(self, section, **extra) -> dict:
+        from .. import __version__
+
+        out = {"method": self.name, "kind": self.kind, "scale": SCALES[self.kind],
+               "params": dumps(self.learned_params()), "seed": int(self.seed),
+               "version": __version__, "section": str(getattr(section, "name", "")),
+               "fitted_on": dumps([r["name"] for r in self.training_sections_ or []]),
+               "in_sample": bool(section is not None and self.fitted_on(section))}
+        out.update(extra)
+        return out
+
+    # -- persistence --------------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k.endswith("_")
+                and not k.startswith("_")}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the fitted method to the folder ``path`` (replaced atomically): model.json
+        (parameters, versions, state) + arrays.npz + weights.pt, no pickle, no runtime or
+        absolute fields."""
+        from .. import __version__
+        from .persist import save_folder
+
+        self.check_fitted()
+        header = {"histosr_version": __version__, "method": self.name, "kind": self.kind,
+                  "params": jsonable(self.learned_params())}
+        return save_folder(path, header, self._state())
+
+    @classmethod
+    def load(cls, path: str | Path, **runtime) -> Method:
+        """A fitted method from a model folder (see :meth:`save`); ``runtime`` sets runtime
+        parameters (``device``, ``progress``, ``cache_dir``...)."""
+        from .. import __version__
+        from .persist import ModelFileError, load_folder
+
+        header, state = load_folder(path)
+        name = header.get("method")
+        if name not in available_methods():
+            raise ModelFileError(f"{path}: unknown method {name!r} in model.json (this histosr "
+                                 f"has {', '.join(available_methods())})")
+        if header.get("histosr_version") != __version__:
+            warnings.warn(f"{path} was written by histosr {header.get('histosr_version')}; "
+                          f"loading it with {__version__}", stacklevel=2)
+        params = dict(header.get("params") or {})
+        try:
+            m = get_method(name, **params, **runtime)
+        except ParameterError as e:
+            raise ModelFileError(f"{path}: model.json holds invalid parameters ({e})") from e
+        if "genes_" not in state:
+            raise ModelFileError(f"{path}: model.json holds no fitted state (genes_)")
+        m.__dict__.update(state)
+        m._after_load()
+        return m
+
+    def _after_load(self) -> None:
+        """Restore what JSON does not keep (subclasses)."""
+
+
+def fit_genes(sections: list, genes=None) -> list[str]:
+    """The genes a fit uses (see :meth:`Method.fit`), checked against every section."""
+    from ..pp import select_genes, shared_genes
+
+    where = "every training section" if len(sections) > 1 else f"section {sections[0].name!r}"
+    if genes is None:
+        genes = select_genes(sections, DEFAULT_N_GENES)
+        if not genes:
+            n = sum(s.n_spots for s in sections)
+            tot = sum(float(np.asarray(s.counts.X.sum())) for s in sections)
+            raise InputError(f"no gene is detected in at least 10% of the {n} spots of {where} "
+                             f"({tot:g} counts in all): nothing to fit. Check that the counts are "
+                             "raw UMI counts of in-tissue spots, or pass genes= explicitly")
+        return genes
+    if isinstance(genes, str):
+        if genes != "all":
+            raise InputError(f"genes must be a list of names, 'all' or None, got {genes!r}")
+        genes = shared_genes(sections)
+    genes = [str(g) for g in genes]
+    missing = [g for g in genes if any(g not in s.counts.var_names for s in sections)]
+    if missing:
+        raise InputError(f"{len(missing)} gene(s) not measured in {where}: "
+                         f"{', '.join(missing[:10])}")
+    if not genes:
+        raise InputError(f"no gene is measured in {where}")
+    if len(set(genes)) != len(genes):
+        raise InputError("genes are listed more than once: " + ", ".join(
+            sorted({g for g in genes if genes.count(g) > 1})[:10]))
+    return genes
+
+
+@dataclass
+class SuperpixelMethod(Method):
+    """Super-resolution methods: counts per 8 um superpixel (the sum over a spot's footprint
+    approximates the spot's counts). Subclasses implement ``_fit(sections, features)`` and
+    ``_predict_cells(section, features, flat_cells) -> (n_cells, n_genes)``."""
+
+    kind: ClassVar[str] = SUPERPIXEL
+    consistency: bool = False
+
+    def _fit_kind(self, sections, features) -> None:
+        features = self._features_for(sections, features)
+        self._fit(sections, features)
+
+    def _features_for(self, sections, features):
+        if features is not None:
+            return features
+        if self.needs_features:
+            raise InputError(f"{self.name} reads image features: pass a FeatureMap per section "
+                             "(features=hs.features(section))")
+        from ..features.featuremap import grid_only
+
+        return [grid_only(s) for s in sections]
+
     def _fit(self, sections: list, features: list) -> None:  # pragma: no cover
         raise NotImplementedError
 
@@ -88,61 +328,70 @@ class Method:
         """(n_cells, n_genes) float32 counts per superpixel at flat grid indices."""
         raise NotImplementedError  # pragma: no cover
 
-    # -- public API -----------------------------------------------------------------------
-    def params(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
-
-    def fit(self, sections, features, genes: list[str] | None = None) -> Method:
-        """Fit on one or more sections (their spots' counts) and their FeatureMaps.
-        ``genes`` restricts the genes (default: genes shared by all sections)."""
-        sections = list(sections) if isinstance(sections, (list, tuple)) else [sections]
-        features = list(features) if isinstance(features, (list, tuple)) else [features]
-        if len(sections) != len(features):
-            raise ValueError(f"got {len(sections)} sections but {len(features)} feature maps")
-        self.genes_ = shared_genes(sections, genes)
-        self._fit(sections, features)
-        return self
-
-    def _check_fitted(self) -> None:
-        if self.genes_ is None:
-            raise RuntimeError(f"{self.name}: call fit(...) before predict(...)")
-
-    def predict(self, section, features, at: str | np.ndarray = "superpixels",
-                consistency: bool | None = None, diameter_um: float | None = None) -> ad.AnnData:
+    def predict(self, section, features=None, at: str | np.ndarray | None = None,
+                consistency: bool | None = None, diameter_um: float | None = None,
+                max_bytes: float | None = None) -> ad.AnnData:
         """Predict expression.
 
-        ``at``: ``"superpixels"`` (one observation per tissue superpixel, counts per 8 um
-        superpixel), ``"spots"`` (the section's own spots: footprint sums) or an (n, 2)
+        ``at``: ``None``/``"superpixels"`` (one observation per tissue superpixel, counts per
+        8 um superpixel), ``"spots"`` (the section's own spots: footprint sums) or an (n, 2)
         array of full-res (x, y) px (sums over disks of ``diameter_um``, default the
-        section's spot diameter). ``consistency`` (default: the method's setting)
-        rescales so each measured spot's footprint sums to its measured counts.
+        section's spot diameter). ``consistency`` (default: the method's setting) rescales
+        so each measured spot's footprint sums to its measured counts.
+
+        The superpixel prediction is built in memory: when it would need more than
+        ``max_bytes`` (default: 60% of the memory available now) this raises
+        :class:`PredictionTooLargeError` with the size; stream it to disk with
+        :func:`histosr.outputs.predict_maps` instead (``histosr run`` writes maps that way).
         """
-        self._check_fitted()
+        self.check_fitted()
+        features = self._features_for([section], None if features is None else [features])[0]
         grid = features.grid
-        use_cons = self.consistency if consistency is None else consistency
+        use_cons = self.consistency if consistency is None else bool(consistency)
+        at = "superpixels" if at is None else at
+        uns = self._uns(section, encoder=features.encoder,
+                        encoder_meta=dumps(features.meta), um_per_px=float(grid.um_per_px),
+                        superpixel_um=8.0, consistency=use_cons)
         if isinstance(at, str) and at == "superpixels":
             r, c = features.tissue_cells()
+            self._check_size(len(r), use_cons, max_bytes)
             cells = grid.flat(r, c)
             vals = self.predict_cells(section, features, cells, use_cons)
-            return superpixel_anndata(vals, r, c, grid, self.genes_, self._uns(features, use_cons))
+            return superpixel_anndata(vals, r, c, grid, self.genes_, uns)
         if isinstance(at, str) and at == "spots":
             fps, ids, xy = section.spot_footprints(), section.counts.obs_names, section.xy
         elif isinstance(at, str):
-            raise ValueError(f"at must be 'superpixels', 'spots' or an (n, 2) array, got {at!r}")
+            raise InputError(f"at must be 'superpixels', 'spots' or an (n, 2) array of px, "
+                             f"got {at!r}")
         else:
             xy = np.asarray(at, dtype=np.float64).reshape(-1, 2)
             fps, ids = [p[None] for p in xy], [str(i) for i in range(len(xy))]
+            uns["in_sample"] = False
         d = diameter_um or section.spot_diameter_um
         F = footprint_matrix(grid, fps, d)
         cells = np.unique(F.indices)
         vals = self.predict_cells(section, features, cells, use_cons)
-        Fc = F[:, cells]
-        X = np.asarray(Fc @ vals, dtype=np.float32)
+        X = np.asarray(F[:, cells] @ vals, dtype=np.float32)
         out = ad.AnnData(X=X, obs=pd.DataFrame(index=pd.Index([str(i) for i in ids])),
                          var=pd.DataFrame(index=pd.Index(self.genes_)))
         out.obsm["spatial"] = np.asarray(xy, dtype=np.float64)
-        out.uns["histosr"] = self._uns(features, use_cons)
+        uns["scale"] = "counts per spot footprint (sum over its 8 um superpixels)"
+        out.uns["histosr"] = uns
         return out
+
+    def _check_size(self, n_cells: int, consistency: bool, max_bytes: float | None) -> None:
+        need = float(n_cells) * len(self.genes_) * 4 * (3 if consistency else 2)
+        if max_bytes is None:
+            import psutil
+
+            max_bytes = 0.6 * psutil.virtual_memory().available
+        if need > max_bytes:
+            raise PredictionTooLargeError(
+                f"predicting {n_cells:,} superpixels x {len(self.genes_):,} genes in memory "
+                f"needs about {need / 2**30:.1f} GB, more than the {max_bytes / 2**30:.1f} GB "
+                "allowed: fit fewer genes (the default is the top 1000 of "
+                "hs.pp.select_genes), predict at='spots', or stream the maps to disk with "
+                "histosr.outputs.predict_maps(method, section, features, 'maps.zarr')")
 
     def predict_cells(self, section, features, flat_cells: np.ndarray,
                       consistency: bool = False) -> np.ndarray:
@@ -156,65 +405,10 @@ class Method:
             vals = scaler.apply(vals, flat_cells)
         return vals
 
-    def _uns(self, features, consistency: bool) -> dict:
-        from .. import __version__
 
-        return {
-            "method": self.name,
-            "params": json.dumps(_jsonable(self.params())),
-            "encoder": features.encoder,
-            "encoder_meta": json.dumps(_jsonable(features.meta)),
-            "um_per_px": float(features.grid.um_per_px),
-            "superpixel_um": 8.0,
-            "seed": int(self.seed),
-            "consistency": bool(consistency),
-            "version": __version__,
-        }
-
-    # -- persistence --------------------------------------------------------------------------
-    def save(self, path: str | Path) -> None:
-        """Write the fitted method to a folder (params.json + state.pkl), atomically."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "params.json").write_text(
-            json.dumps({"method": self.name, "params": _jsonable(self.params())}, indent=1)
-        )
-        tmp = path / "state.pkl.tmp"
-        with open(tmp, "wb") as f:
-            pickle.dump(self._state(), f)
-        tmp.replace(path / "state.pkl")
-
-    def _state(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k.endswith("_")}
-
-    @classmethod
-    def load(cls, path: str | Path) -> Method:
-        path = Path(path)
-        meta = json.loads((path / "params.json").read_text())
-        m = get_method(meta["method"], **meta["params"])
-        with open(path / "state.pkl", "rb") as f:
-            m.__dict__.update(pickle.load(f))
-        return m
-
-
-def shared_genes(sections: list, genes: list[str] | None = None) -> list[str]:
-    """``genes`` checked against every section, or (``None``) the genes measured in all of
-    them, in the first section's order."""
-    if genes is None:
-        common = set(sections[0].genes)
-        for s in sections[1:]:
-            common &= set(s.genes)
-        genes = [g for g in sections[0].genes if g in common]
-    missing = [g for g in genes if any(g not in s.counts.var_names for s in sections)]
-    if missing:
-        raise ValueError(f"genes not measured in every training section: {missing[:10]}")
-    if not genes:
-        raise ValueError("no gene is measured in every training section")
-    return list(genes)
-
-
-def load_method(path: str | Path) -> Method:
-    return Method.load(path)
+def load_method(path: str | Path, **runtime) -> Method:
+    """A fitted method from a model folder (:meth:`Method.save`)."""
+    return Method.load(path, **runtime)
 
 
 def superpixel_anndata(vals: np.ndarray, rows: np.ndarray, cols: np.ndarray, grid: Grid,
@@ -230,19 +424,7 @@ def superpixel_anndata(vals: np.ndarray, rows: np.ndarray, cols: np.ndarray, gri
     return a
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return x
-
-
-__all__ = ["Method", "register_method", "get_method", "available_methods", "load_method",
-           "superpixel_anndata", "disk_cells"]
+__all__ = ["Method", "SuperpixelMethod", "register_method", "get_method", "available_methods",
+           "method_class", "load_method", "superpixel_anndata", "disk_cells", "fit_genes",
+           "NotFittedError", "PredictionTooLargeError", "SUPERPIXEL", "SPOT", "KINDS",
+           "REGISTRY"]

@@ -19,9 +19,11 @@ from typing import ClassVar
 import numpy as np
 from scipy.spatial import cKDTree
 
+from ..errors import InputError
 from ..geometry import footprint_matrix, nearest_spot
-from ..train import fingerprint
-from .base import Method, register_method
+from ..keys import digest
+from ..params import Interval
+from .base import SuperpixelMethod, register_method
 
 # float32 bytes of one (cells x genes) block computed at once
 _BLOCK_BYTES = 2**25
@@ -35,7 +37,7 @@ def spot_densities(section, grid, genes: list[str]) -> dict:
     n = np.diff(F.indptr)
     keep = np.flatnonzero(n > 0)
     if len(keep) == 0:
-        raise ValueError(f"section {section.name!r}: no spot footprint lies on the grid")
+        raise InputError(f"section {section.name!r}: no spot footprint lies on the grid")
     counts = section.dense_counts(genes)[keep]
     return {
         "xy": section.xy[keep],
@@ -47,14 +49,14 @@ def spot_densities(section, grid, genes: list[str]) -> dict:
 def _section_key(section, grid, genes) -> str:
     """Identity of a section's measurements (ids, positions, counts, grid)."""
     fps = section.footprints
-    return fingerprint(section.name, list(section.counts.obs_names), section.xy,
+    return digest(section.name, list(section.counts.obs_names), section.xy,
                        section.dense_counts(genes).astype(np.float32), section.spot_diameter_um,
                        None if fps is None else np.concatenate(fps),
                        [grid.um_per_px, list(grid.image_shape)])
 
 
 @dataclass
-class SpotInterpolator(Method):
+class SpotInterpolator(SuperpixelMethod):
     """Base of the spot-spreading baselines (see the module docstring)."""
 
     needs_features: ClassVar[bool] = False  # only the grid: no image features
@@ -67,7 +69,7 @@ class SpotInterpolator(Method):
     def _spots_for(self, section, features) -> dict:
         missing = [g for g in self.genes_ if g not in section.counts.var_names]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"{self.name} interpolates the measured spots of the section it predicts, but "
                 f"section {section.name!r} lacks fitted genes {missing[:5]}"
             )
@@ -143,12 +145,12 @@ class KNN(SpotInterpolator):
     dominate, yet the map is continuous). A superpixel centre exactly at a spot centre
     takes that spot's value."""
 
+    constraints: ClassVar[dict] = {"k": Interval(int, 1), "power": Interval(float, 0)}
+
     k: int = 8
     power: float = 2.0
 
     def _prepare(self, spots):
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
         return cKDTree(spots["xy"])
 
     def _interpolate(self, tree, spots, grid, cells):

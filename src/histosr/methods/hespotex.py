@@ -73,12 +73,15 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
 from .. import train
+from ..errors import InputError
+from ..params import DEVICE, Interval, Options
 from .base import register_method
-from .imagefeat import check_standardize, encoder_of, spot_image_features, zscore
+from .imagefeat import STANDARDIZE, encoder_of, spot_image_features, zscore
 from .spot import SpotMethod
 
 # Model construction draws from torch's global generator: serialise it, so that folds run in
@@ -239,6 +242,17 @@ class HESpotEx(SpotMethod):
     """HESpotEx (see the module docstring). Published defaults; ``epochs`` is the image
     model's (max_steps 30), ``gate_epochs`` GATE's per section (500)."""
 
+    constraints: ClassVar[dict] = {
+        "epochs": Interval(int, 1), "gate_epochs": Interval(int, 1),
+        "lr": Interval(float, 0, closed="neither"), "weight_decay": Interval(float, 0),
+        "gate_lr": Interval(float, 0, closed="neither"), "gate_weight_decay": Interval(float, 0),
+        "gate_clip": Interval(float, 0, closed="neither"), "gate_k": Interval(int, 1),
+        "image_k": Interval(int, 1), "latent_dim": Interval(int, 1),
+        "gate_hidden": Interval(int, 1), "head_hidden": Interval(int, 1),
+        "n_sage": Interval(int, 1), "standardize": Options(*STANDARDIZE),
+        "target": Options(*TARGETS), "nuclei_counter": Options("classical", "cellpose"),
+        "nuclei_clip": Interval(int, 1), "n_states": Interval(int, 1), "device": DEVICE}
+
     epochs: int = 30
     gate_epochs: int = 500
     lr: float = 1e-3
@@ -264,8 +278,9 @@ class HESpotEx(SpotMethod):
     lstm_branch: bool = True
     validation: str | None = None
     refit: bool = True
+    n_states: int = 1
     device: str = "auto"
-    progress: bool = True
+    checkpoint_dir: str | None = None
 
     # -- inputs -----------------------------------------------------------------------
     def _encoder(self):
@@ -278,7 +293,6 @@ class HESpotEx(SpotMethod):
 
     def _image_inputs(self, section, xy) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(features (n, d) float32, 4-NN indices (n, k), nuclei factor (n,))."""
-        check_standardize(self.standardize)
         f = spot_image_features(section, xy, self._encoder(), tuple(self.scales),
                                 self.cache_dir)
         if self.standardize == "section":
@@ -304,85 +318,95 @@ class HESpotEx(SpotMethod):
         return log_cp10k(c, lib).astype(np.float32)
 
     # -- stage 1 --------------------------------------------------------------------------
-    def _fit_gate(self, sections, Ys, dev) -> list[np.ndarray]:
+    def _fit_gate(self, seed: int, sections, Ys, dev) -> tuple[list[np.ndarray], list[float]]:
+        """ONE GATE trained on the sections one after the other (weights and optimiser
+        carried over), each section's z taken right after its own ``gate_epochs``."""
         import torch
+        import torch.nn.functional as F
 
-        model = _seeded_build(self.seed, lambda: _build_gate(
+        model = _seeded_build(seed, lambda: _build_gate(
             Ys[0].shape[1], self.gate_hidden, self.latent_dim)).to(dev)
-        opt = torch.optim.Adam(model.parameters(), lr=self.gate_lr,
-                               weight_decay=self.gate_weight_decay)
-        zs, self.gate_loss_ = [], []
+        data = []
         for sec, y in zip(sections, Ys):
             src, dst = (torch.as_tensor(a, device=dev) for a in spot_graph(sec.xy, self.gate_k))
-            x = torch.as_tensor(y, device=dev)
-            model.train()
-            for _ in range(int(self.gate_epochs)):
-                z, xh = model(x, src, dst)
-                loss = torch.nn.functional.mse_loss(xh, x)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), self.gate_clip)
-                opt.step()
-            model.eval()
-            with torch.no_grad():
-                z, xh = model(x, src, dst)
-                self.gate_loss_.append(float(torch.nn.functional.mse_loss(xh, x)))
-            zs.append(z.detach().cpu().numpy().astype(np.float32))
-        return zs
+            data.append((torch.as_tensor(y, device=dev), src, dst))
+        n_ep = int(self.gate_epochs)
+        zs, losses = [], []
+
+        def batches(epoch):
+            yield data[epoch // n_ep]  # full batch: one section per step
+
+        def loss_fn(model, batch):
+            x, src, dst = batch
+            return F.mse_loss(model(x, src, dst)[1], x)
+
+        def section_done(epoch, model):
+            if (epoch + 1) % n_ep == 0:
+                x, src, dst = data[epoch // n_ep]
+                with torch.no_grad():
+                    z, xh = model(x, src, dst)
+                losses.append(float(F.mse_loss(xh, x)))
+                zs.append(z.detach().cpu().numpy().astype(np.float32))
+
+        train.train_loop(model, batches, loss_fn, n_ep * len(data), self.gate_lr,
+                         optimizer="adam", weight_decay=self.gate_weight_decay,
+                         clip_grad_norm=self.gate_clip, on_epoch_end=section_done,
+                         progress=False)
+        return zs, losses
 
     # -- stage 2 --------------------------------------------------------------------------
-    def _train_image(self, data, epochs: int, dev, val=None):
-        """Train a fresh image model on ``data`` (list of (f, nbr, nuc, y, z) tensors).
-        With ``val`` (f, nbr, nuc, y): per-epoch validation gene-PCC loss, best state.
+    def _build_image(self, d_in: int):
+        return _build_image_model(d_in, len(self.genes_), self.latent_dim, self.head_hidden,
+                                  self.n_sage, self.graph_layers, self.lstm_branch)
+
+    def _train_image(self, seed: int, data, epochs: int, dev, val=None):
+        """Train a fresh image model on ``data`` (list of (f, nbr, nuc, y, z) tensors), one
+        section per step, sections shuffled each epoch. With ``val`` (f, nbr, nuc, y): the
+        per-epoch validation gene-PCC loss and the best epoch's state.
         Returns (model, per-epoch validation losses, best epoch (1-based), best state)."""
-        import copy
-
         import torch
+        import torch.nn.functional as F
 
-        model = _seeded_build(self.seed, lambda: _build_image_model(
-            data[0][0].shape[1], len(self.genes_), self.latent_dim, self.head_hidden,
-            self.n_sage, self.graph_layers, self.lstm_branch)).to(dev)
-        opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        rng = np.random.default_rng(np.random.SeedSequence([int(self.seed), 5]))
-        curve, best, best_state = [], (np.inf, 0), None
-        from tqdm.auto import tqdm
+        from ..metrics import pcc_per_gene
 
-        for ep in tqdm(range(int(epochs)), desc="hespotex", disable=not self.progress,
-                       leave=False):
-            model.train()
+        model = _seeded_build(seed, lambda: self._build_image(data[0][0].shape[1])).to(dev)
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), 5]))
+        curve: list[float] = []
+        best: dict = {"loss": np.inf, "epoch": 0, "state": None}
+
+        def batches(epoch):
             for i in rng.permutation(len(data)):
-                f, nbr, nuc, y, z = data[i]
-                out, e = model(f, nbr, nuc)
-                loss = torch.nn.functional.mse_loss(out, y)
-                if self.latent_loss:
-                    loss = loss + (1.0 - pearson_rows(z, e).mean())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            if val is not None:
-                model.eval()
-                with torch.no_grad():
-                    pred = model(val[0], val[1], val[2])[0].cpu().numpy()
-                from ..metrics import pcc_per_gene
+                yield data[i]
 
-                vloss = 1.0 - float(np.mean(pcc_per_gene(pred, val[3])))
-                curve.append(round(vloss, 5))
-                if vloss < best[0]:
-                    best = (vloss, ep + 1)
-                    best_state = copy.deepcopy(model.state_dict())
-        model.eval()
-        return model, curve, best[1], best_state
+        def loss_fn(model, batch):
+            f, nbr, nuc, y, z = batch
+            out, e = model(f, nbr, nuc)
+            loss = F.mse_loss(out, y)
+            if self.latent_loss:
+                loss = loss + (1.0 - pearson_rows(z, e).mean())
+            return loss
+
+        def validate(epoch, model):
+            with torch.no_grad():
+                pred = model(val[0], val[1], val[2])[0].cpu().numpy()
+            vloss = 1.0 - float(np.mean(pcc_per_gene(pred, val[3])))
+            curve.append(round(vloss, 5))
+            if vloss < best["loss"]:
+                best.update(loss=vloss, epoch=epoch + 1, state=train.cpu_state(model))
+
+        train.train_loop(model, batches, loss_fn, int(epochs), self.lr, optimizer="adamw",
+                         weight_decay=self.weight_decay,
+                         on_epoch_end=validate if val is not None else None,
+                         progress="hespotex" if self.progress else False)
+        return model, curve, best["epoch"], best["state"]
 
     def _fit_spots(self, sections, targets) -> None:
         import torch
 
-        if self.target not in TARGETS:
-            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if len(self.genes_) > 5000:
-            raise ValueError(f"hespotex's LSTM has one hidden unit per gene: {len(self.genes_)} "
+            raise InputError(f"hespotex's LSTM has one hidden unit per gene: {len(self.genes_)} "
                              "genes is too many; pass genes=... (e.g. 1000 HVGs; "
                              "`histosr fit --n-genes`)")
-        train.seed_everything(self.seed)
         dev = train.resolve_device(self.device)
         self.train_diameter_um_ = float(np.median([s.spot_diameter_um for s in sections]))
         Ys = [self._targets(s) for s in sections]
@@ -390,56 +414,57 @@ class HESpotEx(SpotMethod):
         share = np.concatenate([s.dense_counts(self.genes_).sum(axis=1) / np.maximum(lib, 1e-12)
                                 for s, lib in zip(sections, lib_all)])
         self.phi_ = float(np.median(share[share > 0])) if (share > 0).any() else 1.0
-        zs = self._fit_gate(sections, Ys, dev)
-
-        def tens(a, dtype=torch.float32):
-            return torch.as_tensor(np.asarray(a), dtype=dtype, device=dev)
-
-        data = []
-        for s, y, z in zip(sections, Ys, zs):
-            f, nbr, nuc = self._image_inputs(s, s.xy)
-            data.append((tens(f), tens(nbr, torch.long), tens(nuc), tens(y), tens(z)))
-        info: dict = {"gate_final_mse": [round(v, 5) for v in self.gate_loss_],
-                      "nuclei_factor_mean": [round(float(d[2].mean()), 4) for d in data]}
+        inputs = [self._image_inputs(s, s.xy) for s in sections]
+        names = [s.name for s in sections]
+        v = None
         if len(sections) >= 2:
-            names = [s.name for s in sections]
             if self.validation is not None:
                 if self.validation not in names:
-                    raise ValueError(f"validation section {self.validation!r} is not a training "
+                    raise InputError(f"validation section {self.validation!r} is not a training "
                                      f"section: expected one of {names}")
                 v = names.index(self.validation)
             else:
                 v = int(np.random.default_rng(int(self.seed)).integers(len(sections)))
-            val = data[v][:3] + (Ys[v],)
-            rest = [d for i, d in enumerate(data) if i != v]
-            model, curve, best_ep, best_state = self._train_image(rest, self.epochs, dev, val)
-            info.update({"validation": names[v], "best_epoch": best_ep,
-                         "validation_pcc_loss": curve})
-            if self.refit:
-                model = self._train_image(data, best_ep, dev)[0]
+
+        def tens(a, dtype=torch.float32):
+            return torch.as_tensor(np.asarray(a), dtype=dtype, device=dev)
+
+        def fit_one(seed: int):
+            zs, gate_loss = self._fit_gate(seed, sections, Ys, dev)
+            data = [(tens(f), tens(nbr, torch.long), tens(nuc), tens(y), tens(z))
+                    for (f, nbr, nuc), y, z in zip(inputs, Ys, zs)]
+            info: dict = {"gate_final_mse": [round(x, 5) for x in gate_loss],
+                          "nuclei_factor_mean": [round(float(d[2].mean()), 4) for d in data]}
+            if v is not None:
+                val = data[v][:3] + (Ys[v],)
+                rest = [d for i, d in enumerate(data) if i != v]
+                model, curve, best_ep, best_state = self._train_image(seed, rest, self.epochs,
+                                                                      dev, val)
+                info.update({"validation": names[v], "best_epoch": best_ep,
+                             "validation_pcc_loss": curve})
+                if self.refit:
+                    model = self._train_image(seed, data, best_ep, dev)[0]
+                else:
+                    model.load_state_dict(best_state)
             else:
-                model.load_state_dict(best_state)
-        else:
-            model = self._train_image(data, self.epochs, dev)[0]
-            info.update({"validation": None, "best_epoch": int(self.epochs)})
-        self.fit_info_ = info
-        self.state_ = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        self.d_in_ = int(data[0][0].shape[1])
+                model = self._train_image(seed, data, self.epochs, dev)[0]
+                info.update({"validation": None, "best_epoch": int(self.epochs)})
+            return {"model": train.cpu_state(model), "loss": info.get("validation_pcc_loss", []),
+                    "info": info}
+
+        train.fit_method_states(self, fit_one, *[a for inp in inputs for a in inp], *Ys)
+        self.d_in_ = int(inputs[0][0].shape[1])
 
     def _predict_spots(self, section, xy):
         import torch
 
         dev = train.resolve_device(self.device)
-        model = _build_image_model(self.d_in_, len(self.genes_), self.latent_dim,
-                                   self.head_hidden, self.n_sage, self.graph_layers,
-                                   self.lstm_branch)
-        model.load_state_dict(self.state_)
-        model = model.to(dev).eval()
+        models = train.load_members(self.states_, lambda: self._build_image(self.d_in_), dev)
         f, nbr, nuc = self._image_inputs(section, np.asarray(xy, np.float64))
+        f, nbr, nuc = (torch.as_tensor(a, device=dev) for a in (f, nbr, nuc))
         with torch.no_grad():
-            out = model(torch.as_tensor(f, device=dev), torch.as_tensor(nbr, device=dev),
-                        torch.as_tensor(nuc, device=dev))[0].cpu().numpy().astype(np.float64)
-        out = np.clip(out, 0.0, None)
+            out = train.median_over_states([m(f, nbr, nuc)[0] for m in models])
+        out = np.clip(out.astype(np.float64), 0.0, None)
         if self.target == "log_cpm":
             out = np.log1p(np.expm1(np.minimum(out, 30.0)) * self.phi_ / 100.0)
         return out.astype(np.float32)

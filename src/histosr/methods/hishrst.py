@@ -7,20 +7,22 @@ Clean-room implementation from the specification (the released code is not copie
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from .. import train
+from ..errors import InputError
 from ..features.crops import crop_features
+from ..params import DEVICE, Interval, Options
 from .base import register_method
+from .scaling import feature_stats
 from .spot import SpotMethod
 from .spotnet import (
     chunks,
-    lattice_index,
     lerp_embedding_class,
-    positions_in_range,
-    section_lattice,
+    ordered_training_sets,
+    prediction_points,
     spatial_order,
     train_chunks,
 )
@@ -118,6 +120,13 @@ class HisHRST(SpotMethod):
     the measured spots; ``"all"`` is the released rule).
     """
 
+    constraints: ClassVar[dict] = {
+        "epochs": Interval(int, 1), "lr": Interval(float, 0, closed="neither"),
+        "chunk_size": Interval(int, 1), "crop_um": Interval(float, 0, closed="neither"),
+        "n_positions": Interval(int, 1), "depth": Interval(int, 1), "heads": Interval(int, 1),
+        "dim_head": Interval(int, 1), "hidden": Interval(int, 1),
+        "context": Options("all", "queries"), "n_states": Interval(int, 1), "device": DEVICE}
+
     epochs: int = 1000
     lr: float = 1e-3
     chunk_size: int = 50
@@ -133,7 +142,6 @@ class HisHRST(SpotMethod):
     n_states: int = 1
     device: str = "auto"
     checkpoint_dir: str | None = None
-    progress: bool = False
 
     # -- data ----------------------------------------------------------------------------
     def _features(self, section, xy: np.ndarray) -> np.ndarray:
@@ -148,27 +156,15 @@ class HisHRST(SpotMethod):
     def _fit_spots(self, sections, targets) -> None:
         import torch
 
-        if self.chunk_size < 1 or self.epochs < 1:
-            raise ValueError(f"{self.name}: expected chunk_size >= 1 and epochs >= 1, got "
-                             f"{self.chunk_size} and {self.epochs}")
         F, AB, Y, groups = [], [], [], []
-        for sec, y in zip(sections, targets):
-            _, ab = section_lattice(sec)
-            ab = ab.astype(np.float64)
-            positions_in_range(ab, self.n_positions, self.name)
-            o = spatial_order(ab)
-            off = sum(len(f) for f in F)
+        for sec, o, ab, y in ordered_training_sets(sections, targets, self.n_positions,
+                                                   self.name):
+            groups += [c + sum(len(f) for f in F) for c in chunks(len(o), self.chunk_size)]
             F.append(self._features(sec, sec.xy[o]))
-            AB.append(ab[o])
-            Y.append(y[o])
-            groups += [c + off for c in chunks(len(o), self.chunk_size)]
+            AB.append(ab)
+            Y.append(y)
         X = np.concatenate(F).astype(np.float32)
-        if self.standardize:
-            mu, sd = X.mean(axis=0), X.std(axis=0)
-            sd[sd < 1e-6] = 1.0
-        else:
-            mu, sd = np.zeros(X.shape[1]), np.ones(X.shape[1])
-        self.feat_mean_, self.feat_std_ = mu.astype(np.float32), sd.astype(np.float32)
+        self.feat_mean_, self.feat_std_ = feature_stats(X, self.standardize)
         X = (X - self.feat_mean_) / self.feat_std_
         self.in_dim_ = int(X.shape[1])
         AB = np.concatenate(AB).astype(np.float32)
@@ -201,27 +197,15 @@ class HisHRST(SpotMethod):
     def _predict_spots(self, section, xy: np.ndarray) -> np.ndarray:
         import torch
 
-        if self.context not in ("all", "queries"):
-            raise ValueError(f"{self.name}: context must be 'all' or 'queries', got "
-                             f"{self.context!r}")
-        lat, ab_meas = section_lattice(section)
-        meas_xy = section.xy
-        q_ab = lattice_index(lat, xy)
-        positions_in_range(q_ab, self.n_positions, self.name)
-        # every point: measured spots, then the query points that are not measured spots
-        dist, nn = cKDTree(ab_meas.astype(np.float64)).query(q_ab)
-        same = dist < 1e-6
-        if self.context == "queries":  # chunks of the query points alone
-            ab_meas, meas_xy = ab_meas[:0], meas_xy[:0]
-            same = np.zeros(len(xy), bool)
-        new = np.flatnonzero(~same)
-        all_ab = np.concatenate([ab_meas.astype(np.float64), q_ab[new]])
-        feats = [self._features(section, meas_xy)] if len(meas_xy) else []
+        measured = self.context == "all"  # "queries": chunks of the query points alone
+        all_ab, new, row = prediction_points(section, xy, self.n_positions, self.name,
+                                             measured)
+        feats = [self._features(section, section.xy)] if measured else []
         if len(new):
             feats.append(self._features(section, xy[new]))
         X = np.concatenate(feats).astype(np.float32)
         if X.shape[1] != self.in_dim_:
-            raise ValueError(f"{self.name} was fitted on {self.in_dim_}-d crop features but "
+            raise InputError(f"{self.name} was fitted on {self.in_dim_}-d crop features but "
                              f"encoder {self.encoder!r} gives {X.shape[1]}-d: use the same encoder")
         X = (X - self.feat_mean_) / self.feat_std_
         order = spatial_order(all_ab)
@@ -236,10 +220,6 @@ class HisHRST(SpotMethod):
                 sel = torch.from_numpy(order[c]).to(dev)
                 outs = [m(Xd[sel][None], ABd[sel][None])[1][0] for m in models]
                 pred[order[c]] = train.median_over_states(outs)
-        # map each query back to its row: a measured spot's own row, else its appended row
-        row = np.empty(len(xy), dtype=np.int64)
-        row[same] = nn[same]
-        row[new] = len(ab_meas) + np.arange(len(new))
         return pred[row]
 
 

@@ -14,7 +14,7 @@ A training sample is one measured (pseudo-)spot:
   HISTEX, the RGB means and the normalised row/column position, the scstGCN channels of
   HISTEX's 1029-d map);
 * **gene context**: the min-max normalised expression of the ``k`` high-density pseudo-spots
-  (:func:`histosr.densify.hr_pseudospots`) nearest to the spot centre;
+  (:func:`histosr.lattice.hr_pseudospots`) nearest to the spot centre;
 * **fusion**: ``n_blocks`` bidirectional cross-attention blocks, each ``C = CA(q=tokens,
   kv=genes)``, ``D = CA(q=genes, kv=tokens)``, ``out = CA(q=C, kv=D)`` followed by a residual
   ``x = l(x) + x``; the fused tokens are concatenated with the raw tokens and a per-token MLP
@@ -31,13 +31,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from scipy.spatial import cKDTree
 
 from .. import train
+from ..errors import InputError
 from ..geometry import section_footprints
-from .base import Method, register_method
+from ..params import DEVICE, Interval, Options
+from .base import SuperpixelMethod, register_method
+from .scaling import feature_stats, minmax
 
 # Upper bound on the float32 activations of one prediction chunk (tokens x embedding).
 _PREDICT_BUDGET_BYTES = 2**27
@@ -170,11 +174,19 @@ def build_model(d_in: int, n_genes: int, embed_dim: int, heads: int, n_blocks: i
 # the estimator
 # --------------------------------------------------------------------------------------
 @dataclass
-class CrossAttentionSR(Method):
+class CrossAttentionSR(SuperpixelMethod):
     """Shared implementation of HISTEX and DeepHEx (see the module docstring and the
     registered classes for the published defaults and the differences from the released
     code). ``context="off" | "shuffled"`` ablates the gene context (zeros, or the HR values
     permuted over the HR positions) at fit and predict alike; ``"hr"`` is the method."""
+
+    constraints: ClassVar[dict] = {
+        "epochs": Interval(int, 1), "n_states": Interval(int, 1),
+        "lr": Interval(float, 0, closed="neither"), "batch_size": Interval(int, 1),
+        "embed_dim": Interval(int, 1), "heads": Interval(int, 1), "n_blocks": Interval(int, 1),
+        "k_neighbors": Interval(int, 1), "activation": Options("identity", "leaky"),
+        "max_cells_per_spot": Interval(int, 2), "context": Options(*CONTEXTS),
+        "device": DEVICE}
 
     epochs: int = 500
     n_states: int = 5
@@ -193,23 +205,13 @@ class CrossAttentionSR(Method):
     context: str = "hr"
     device: str = "auto"
     checkpoint_dir: str | None = None
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        self.hidden = tuple(int(h) for h in self.hidden)  # a JSON list after save/load
 
     def _check_params(self) -> None:
+        from ..params import ParameterError
+
         if self.embed_dim % self.heads:
-            raise ValueError(f"embed_dim ({self.embed_dim}) must be a multiple of heads "
-                             f"({self.heads})")
-        if self.activation not in ("identity", "leaky"):
-            raise ValueError(f"activation must be 'identity' or 'leaky', got {self.activation!r}")
-        if self.max_cells_per_spot is not None and self.max_cells_per_spot < 2:
-            raise ValueError("max_cells_per_spot must be >= 2 or None (all cells)")
-        if self.n_blocks < 1 or self.k_neighbors < 1:
-            raise ValueError("n_blocks and k_neighbors must be >= 1")
-        if self.context not in CONTEXTS:
-            raise ValueError(f"context must be one of {CONTEXTS}, got {self.context!r}")
+            raise ParameterError(f"the 'embed_dim' parameter of {self.name} must be a multiple "
+                                 f"of 'heads' ({self.heads}), got {self.embed_dim}")
 
     # -- inputs shared by fit and predict ------------------------------------------------
     def _extra_channels(self, features) -> list[str]:
@@ -227,7 +229,7 @@ class CrossAttentionSR(Method):
 
             rgb = mean_rgb_sp(section.image, section.um_per_px) / np.float32(255.0)
             if rgb.shape[:2] != tuple(features.grid.shape):
-                raise ValueError(f"image grid {rgb.shape[:2]} does not match the FeatureMap "
+                raise InputError(f"image grid {rgb.shape[:2]} does not match the FeatureMap "
                                  f"grid {features.grid.shape}")
         h, w = features.grid.shape
 
@@ -246,7 +248,7 @@ class CrossAttentionSR(Method):
         """(HR pseudo-spot xy, their per-gene min-max normalised values) of a section."""
         import warnings
 
-        from ..densify import hr_pseudospots
+        from ..lattice import hr_pseudospots
 
         try:
             hr = hr_pseudospots(section, self.genes_)
@@ -256,8 +258,7 @@ class CrossAttentionSR(Method):
                           f"{section.name!r} ({e}); the measured spots are the gene context",
                           stacklevel=3)
             xy, v = section.xy, section.dense_counts(self.genes_).astype(np.float32)
-        lo, hi = v.min(axis=0), v.max(axis=0)
-        v = (v - lo) / np.where(hi - lo > 0, hi - lo, 1.0)
+        v = minmax(v)[0]
         if self.context == "off":  # ablation: no expression reaches the tokens
             v = np.zeros_like(v)
         elif self.context == "shuffled":  # ablation: right values, wrong places
@@ -330,7 +331,7 @@ class CrossAttentionSR(Method):
             hr_off += len(hr_v)
             n_win += len(centres)
         if not spot_cells:
-            raise ValueError(f"{self.name}: no training spot has a footprint on the grid")
+            raise InputError(f"{self.name}: no training spot has a footprint on the grid")
         X = np.concatenate(tok_blocks).astype(np.float32)
         win = np.concatenate(win_cells)
         win[win < 0] = len(X)  # padding token (a zero row after standardisation)
@@ -340,23 +341,14 @@ class CrossAttentionSR(Method):
     def _fit(self, sections, features) -> None:
         import torch
 
-        self._check_params()
         X, win, ctx, HR, spot_wins, spot_cells, dens, half = self._training_data(
             sections, features)
         self.window_half_ = int(half)
         self.extra_channels_ = self._extra_channels(features[0])
-        if self.standardize:
-            mu, sd = X.mean(axis=0), X.std(axis=0)
-            sd[sd < 1e-6] = 1.0
-        else:
-            mu, sd = np.zeros(X.shape[1], np.float32), np.ones(X.shape[1], np.float32)
-        self.feat_mean_, self.feat_std_ = mu.astype(np.float32), sd.astype(np.float32)
+        self.feat_mean_, self.feat_std_ = feature_stats(X, self.standardize)
         X = np.concatenate([(X - self.feat_mean_) / self.feat_std_,
                             np.zeros((1, X.shape[1]), np.float32)]).astype(np.float32)
-        lo, hi = dens.min(axis=0), dens.max(axis=0)
-        scale = np.where(hi - lo > 0, hi - lo, 1.0)
-        self.target_min_, self.target_scale_ = lo.astype(np.float32), scale.astype(np.float32)
-        Y = ((dens - lo) / scale).astype(np.float32)
+        Y, self.target_min_, self.target_scale_ = minmax(dens)
 
         n_spots, G, d_in = len(spot_cells), Y.shape[1], X.shape[1]
         self.in_dim_, self.n_train_spots_ = int(d_in), int(n_spots)
@@ -454,7 +446,7 @@ class CrossAttentionSR(Method):
 
         extra = self._extra_channels(features)
         if extra != self.extra_channels_ or features.dim + _extra_dim(extra) != self.in_dim_:
-            raise ValueError(
+            raise InputError(
                 f"{self.name} was fitted on {self.in_dim_}-d tokens ({self.extra_channels_} "
                 f"added) but got a {features.dim}-d FeatureMap (encoder {features.encoder!r}): "
                 "use the encoder it was fitted with"
@@ -553,7 +545,7 @@ class Histex(CrossAttentionSR):
     (g) Prediction covers only the requested (tissue) superpixels, in grid-aligned blocks
         of the training window size (HISTEX predicts the whole padded image); block tokens
         outside the image are zero after standardisation (HISTEX pads raw zeros).
-    (h) HR pseudo-spots: :func:`histosr.densify.hr_pseudospots` (exact half-pitch, lattice
+    (h) HR pseudo-spots: :func:`histosr.lattice.hr_pseudospots` (exact half-pitch, lattice
         inferred; see its differences). HR values are min-max normalised per gene over the
         HR set of the section being fitted or predicted. The latent embedding output is
         not reproduced. Runs on CPU or CUDA (``device="auto"``; the released loss moves its

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import InputError
+
 STANDARDIZE = ("section", "global", "none")
 
 
@@ -37,7 +39,7 @@ def spot_image_features(section, xy: np.ndarray, encoder, scales=(1.0, 3.0),
 
     d = float(diameter_um or section.spot_diameter_um)
     if not scales:
-        raise ValueError("expected at least one crop scale (multiples of the spot diameter)")
+        raise InputError("expected at least one crop scale (multiples of the spot diameter)")
     parts = [crop_features(section, encoder, size_um=float(s) * d, centers=xy,
                            cache_dir=cache_dir) for s in scales]
     return np.concatenate([p.reshape(len(xy), -1) for p in parts], axis=1).astype(np.float32)
@@ -57,7 +59,7 @@ def zscore(x: np.ndarray, mean: np.ndarray | None = None,
 
 def check_standardize(mode: str) -> None:
     if mode not in STANDARDIZE:
-        raise ValueError(f"standardize must be one of {STANDARDIZE}, got {mode!r}")
+        raise InputError(f"standardize must be one of {STANDARDIZE}, got {mode!r}")
 
 
 __all__ = ["spot_image_features", "zscore", "encoder_of", "STANDARDIZE", "check_standardize"]

@@ -6,12 +6,16 @@ Clean-room implementation from the description in METHODS.md section 1.3/1.4.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from .. import train
+from ..errors import InputError
 from ..geometry import section_footprints
-from .base import Method, register_method
+from ..params import DEVICE, Interval
+from .base import SuperpixelMethod, register_method
+from .scaling import feature_stats, minmax
 
 # Upper bound on the (states x cells x genes) float32 block predicted at once.
 _PREDICT_BUDGET_BYTES = 2**27
@@ -41,7 +45,7 @@ def _build_mlp(d_in: int, n_genes: int, hidden: int, n_layers: int):
 
 @register_method("istar")
 @dataclass
-class IStar(Method):
+class IStar(SuperpixelMethod):
     """iStar: an MLP maps each superpixel's features to expression; trained so that the
     MEAN of its outputs over a spot's footprint matches the spot's min-max normalised
     expression (weak supervision, MSE); ``n_states`` independently seeded members, the
@@ -79,6 +83,12 @@ class IStar(Method):
     (data, genes and hyper-parameters) is run again, so a killed fit resumes.
     """
 
+    constraints: ClassVar[dict] = {
+        "epochs": Interval(int, 1), "n_states": Interval(int, 1),
+        "lr": Interval(float, 0, closed="neither"), "batch_size": Interval(int, 1),
+        "hidden": Interval(int, 1), "n_layers": Interval(int, 0),
+        "max_cells_per_spot": Interval(int, 2), "device": DEVICE}
+
     epochs: int = 400
     n_states: int = 5
     lr: float = 1e-4
@@ -89,7 +99,6 @@ class IStar(Method):
     max_cells_per_spot: int | None = 16
     device: str = "auto"
     checkpoint_dir: str | None = None
-    progress: bool = True
 
     # -- training -------------------------------------------------------------------------
     def _training_data(self, sections, features):
@@ -109,28 +118,17 @@ class IStar(Method):
                 dens.append(counts[i] / n[i])
             offset += len(uniq)
         if not spot_cells:
-            raise ValueError("istar: no training spot has a footprint on the superpixel grid")
+            raise InputError("istar: no training spot has a footprint on the superpixel grid")
         X = np.concatenate(blocks).astype(np.float32)
         return X, spot_cells, np.stack(dens)
 
     def _fit(self, sections, features) -> None:
         import torch
 
-        if self.max_cells_per_spot is not None and self.max_cells_per_spot < 2:
-            raise ValueError("max_cells_per_spot must be >= 2 or None (all cells)")
         X, spot_cells, dens = self._training_data(sections, features)
-        if self.standardize:
-            mu = X.mean(axis=0)
-            sd = X.std(axis=0)
-            sd[sd < 1e-6] = 1.0
-        else:
-            mu, sd = np.zeros(X.shape[1], np.float32), np.ones(X.shape[1], np.float32)
-        self.feat_mean_, self.feat_std_ = mu.astype(np.float32), sd.astype(np.float32)
+        self.feat_mean_, self.feat_std_ = feature_stats(X, self.standardize)
         X = (X - self.feat_mean_) / self.feat_std_
-        lo, hi = dens.min(axis=0), dens.max(axis=0)
-        scale = np.where(hi - lo > 0, hi - lo, 1.0)
-        self.target_min_, self.target_scale_ = lo.astype(np.float32), scale.astype(np.float32)
-        Y = ((dens - lo) / scale).astype(np.float32)
+        Y, self.target_min_, self.target_scale_ = minmax(dens)
 
         n_spots, n_genes, d_in = len(spot_cells), Y.shape[1], X.shape[1]
         self.in_dim_, self.n_train_spots_ = int(d_in), int(n_spots)
@@ -211,7 +209,7 @@ class IStar(Method):
         import torch
 
         if features.dim != self.in_dim_:
-            raise ValueError(
+            raise InputError(
                 f"istar was fitted on {self.in_dim_}-d features but got a {features.dim}-d "
                 f"FeatureMap (encoder {features.encoder!r}): use the encoder it was fitted with"
             )

@@ -32,11 +32,13 @@ within each section; at prediction over the points being predicted (see
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
+from ..params import Interval, Options
 from .base import register_method
-from .imagefeat import check_standardize, spot_image_features, zscore
+from .imagefeat import STANDARDIZE, spot_image_features, zscore
 from .spot import SpotMethod
 
 #: penalties tried by ``alpha=None`` (features are z-scored PCA scores; targets log1p CP10k)
@@ -47,12 +49,14 @@ ALPHAS = tuple(float(a) for a in np.logspace(-1, 5, 13))
 class ImageSpotMethod(SpotMethod):
     """Shared feature pipeline: crops -> standardise -> PCA (``n_pcs``)."""
 
+    constraints: ClassVar[dict] = {"standardize": Options(*STANDARDIZE),
+                                   "n_pcs": Interval(int, 1)}
+
     scales: tuple[float, ...] = (1.0, 3.0)
     standardize: str = "section"
     n_pcs: int = 256
 
     def _features(self, section, xy: np.ndarray) -> np.ndarray:
-        check_standardize(self.standardize)
         f = spot_image_features(section, xy, self.encoder, tuple(self.scales), self.cache_dir)
         if self.standardize == "section":
             return zscore(f)[0]
@@ -69,14 +73,22 @@ class ImageSpotMethod(SpotMethod):
         from sklearn.decomposition import PCA
 
         n = int(min(self.n_pcs, max(1, allf.shape[0] - 1), allf.shape[1]))
-        self.pca_ = PCA(n_components=n, random_state=int(self.seed)).fit(allf)
-        return [self.pca_.transform(f).astype(np.float64) for f in feats]
+        pca = PCA(n_components=n, random_state=int(self.seed)).fit(allf)
+        # the projection as arrays (a model folder holds no scikit-learn object)
+        self.pca_mean_, self.pca_components_ = pca.mean_, pca.components_
+        return [self._project(f) for f in feats]
+
+    def _project(self, f: np.ndarray) -> np.ndarray:
+        # scikit-learn's PCA.transform, in the same order of operations
+        out = f @ self.pca_components_.T
+        out -= self.pca_mean_[None] @ self.pca_components_.T
+        return out.astype(np.float64)
 
     def _transform(self, section, xy) -> np.ndarray:
         f = self._features(section, xy)
         if self.standardize == "global":
             f = zscore(f, self.fmean_, self.fstd_)[0]
-        return self.pca_.transform(f).astype(np.float64)
+        return self._project(f)
 
 
 def _ridge_svd(X: np.ndarray, Y: np.ndarray):
@@ -131,6 +143,8 @@ class Ridge(ImageSpotMethod):
     """HEST-protocol ridge on spot-crop features (see the module docstring).
     ``alpha=None``: chosen by leave-one-training-section-out."""
 
+    constraints: ClassVar[dict] = {"alpha": Interval(float, 0)}
+
     alpha: float | None = None
 
     def _fit_spots(self, sections, targets) -> None:
@@ -141,7 +155,7 @@ class Ridge(ImageSpotMethod):
         xm, ym, U, s, Vt = _ridge_svd(X, Y)
         self.coef_ = _ridge_coef(U, s, Vt, Y - ym, alpha)
         self.xmean_, self.intercept_, self.alpha_ = xm, ym, alpha
-        self.fit_info_ = {"alpha": alpha, "n_pcs": int(self.pca_.n_components_)}
+        self.fit_info_ = {"alpha": alpha, "n_pcs": int(self.pca_components_.shape[0])}
 
     def _predict_spots(self, section, xy):
         X = self._transform(section, xy)
@@ -154,11 +168,11 @@ class KNNFeatures(ImageSpotMethod):
     """Mean expression of the ``k`` training spots nearest in (standardised, PCA) image
     feature space; uniform weights (see the module docstring)."""
 
+    constraints: ClassVar[dict] = {"k": Interval(int, 1)}
+
     k: int = 20
 
     def _fit_spots(self, sections, targets) -> None:
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
         self.train_x_ = np.concatenate(self._fit_features(sections)).astype(np.float32)
         self.train_y_ = np.concatenate(targets).astype(np.float32)
 

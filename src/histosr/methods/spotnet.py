@@ -1,7 +1,7 @@
 """Pieces shared by the chunked spot-set methods (HisHRST, TriHRGE; METHODS.md 4.2, 5).
 
 * **Positions** come from the measured spot lattice of each section
-  (:func:`histosr.densify.infer_lattice`: ``obs["array_col"]``/``["array_row"]`` when present,
+  (:func:`histosr.lattice.infer_lattice`: ``obs["array_col"]``/``["array_row"]`` when present,
   else the coordinates). A point's position is its *fractional* lattice index ``(a, b)``
   (a = column index, b = row index), obtained by inverting the lattice's affine map, so a
   half-step generated position is ``a + 0.5`` exactly (no ``.long()`` truncation, no
@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from ..densify import Lattice, infer_lattice
+from ..errors import InputError
+from ..lattice import Lattice, infer_lattice
 
 
 def section_lattice(section) -> tuple[Lattice, np.ndarray]:
@@ -129,9 +130,46 @@ def positions_in_range(ab: np.ndarray, n_pos: int, name: str) -> None:
     """Error when lattice indices fall outside the position tables (``0..n_pos - 1``, with half a
     step of slack on either side for generated positions)."""
     if len(ab) and (ab.min() < -1 or ab.max() > n_pos):
-        raise ValueError(f"{name}: lattice indices span {ab.min():g}..{ab.max():g} but the "
+        raise InputError(f"{name}: lattice indices span {ab.min():g}..{ab.max():g} but the "
                          f"position embeddings cover 0..{n_pos - 1}: raise n_positions")
 
 
-__all__ = ["section_lattice", "lattice_index", "chunks", "spatial_order", "published_lr",
+def ordered_training_sets(sections, targets, n_positions: int, name: str) -> list[tuple]:
+    """Per training section, in row-major lattice order: ``(section, order, ab, y)`` with
+    ``order`` the permutation of its spots, ``ab`` their lattice indices and ``y`` their
+    targets (both permuted); indices must fit the position tables."""
+    out = []
+    for sec, y in zip(sections, targets):
+        _, ab = section_lattice(sec)
+        ab = ab.astype(np.float64)
+        positions_in_range(ab, n_positions, name)
+        o = spatial_order(ab)
+        out.append((sec, o, ab[o], np.asarray(y)[o]))
+    return out
+
+
+def prediction_points(section, xy: np.ndarray, n_positions: int, name: str,
+                      measured: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The points a spot-set model predicts over for queries ``xy``: the section's measured
+    spots (``measured``), then the queries that are not on a measured site. Returns
+    ``(ab, new, row)``: lattice indices of every point, the queries appended as new points,
+    and for each query the index of its point."""
+    from scipy.spatial import cKDTree
+
+    lat, ab_meas = section_lattice(section)
+    q_ab = lattice_index(lat, xy)
+    positions_in_range(q_ab, n_positions, name)
+    ab_meas = ab_meas.astype(np.float64) if measured else np.zeros((0, 2))
+    row = np.empty(len(q_ab), dtype=np.int64)
+    same = np.zeros(len(q_ab), bool)
+    if len(ab_meas):
+        dist, nn = cKDTree(ab_meas).query(q_ab)
+        same = dist < 1e-6
+        row[same] = nn[same]
+    new = np.flatnonzero(~same)
+    row[new] = len(ab_meas) + np.arange(len(new))
+    return np.concatenate([ab_meas, q_ab[new]]), new, row
+
+
+__all__ = ["ordered_training_sets", "prediction_points", "section_lattice", "lattice_index", "chunks", "spatial_order", "published_lr",
            "train_chunks", "lerp_embedding_class", "positions_in_range"]

@@ -8,21 +8,22 @@ Clean-room implementation from the specification (the released code is not copie
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from .. import train
+from ..errors import InputError
 from ..features.crops import crop_features
+from ..params import DEVICE, Interval, Options
 from .base import register_method
+from .scaling import feature_stats
 from .spot import SpotMethod
 from .spotnet import (
     chunks,
-    lattice_index,
     lerp_embedding_class,
-    positions_in_range,
-    section_lattice,
-    spatial_order,
+    ordered_training_sets,
+    prediction_points,
     train_chunks,
 )
 
@@ -227,6 +228,14 @@ class TriHRGE(SpotMethod):
     Ablations (paper variant): ``use_positions``, ``use_neighbour``, ``use_global``.
     """
 
+    constraints: ClassVar[dict] = {
+        "variant": Options(*VARIANTS), "epochs": Interval(int, 1),
+        "lr": Interval(float, 0, closed="neither"), "chunk_size": Interval(int, 1),
+        "target_um": Interval(float, 0, closed="neither"),
+        "region_um": Interval(float, 0, closed="neither"), "dim": Interval(int, 1),
+        "heads": Interval(int, 1), "n_positions": Interval(int, 1), "n_states": Interval(int, 1),
+        "device": DEVICE}
+
     variant: str = "paper"
     epochs: int = 1000
     lr: float = 1e-3
@@ -243,15 +252,14 @@ class TriHRGE(SpotMethod):
     n_states: int = 1
     device: str = "auto"
     checkpoint_dir: str | None = None
-    progress: bool = False
 
     # -- data ----------------------------------------------------------------------------
-    def _check(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"trihrge: variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.chunk_size < 1 or self.epochs < 1:
-            raise ValueError(f"trihrge: expected chunk_size >= 1 and epochs >= 1, got "
-                             f"{self.chunk_size} and {self.epochs}")
+    def _check_params(self) -> None:
+        from ..params import ParameterError
+
+        if self.dim % self.heads:
+            raise ParameterError(f"the 'dim' parameter of {self.name} must be a multiple of "
+                                 f"'heads' ({self.heads}), got {self.dim}")
 
     def _raw_features(self, section, xy: np.ndarray) -> dict:
         """Per point: ``target`` (n, d) and ``region`` (n, 9, d) (paper) or ``region`` (n, d)
@@ -277,23 +285,12 @@ class TriHRGE(SpotMethod):
     def _fit_spots(self, sections, targets) -> None:
         import torch
 
-        self._check()
-        per = []
-        for sec, y in zip(sections, targets):
-            _, ab = section_lattice(sec)
-            ab = ab.astype(np.float64)
-            positions_in_range(ab, self.n_positions, self.name)
-            o = spatial_order(ab)
-            per.append((self._raw_features(sec, sec.xy[o]), ab[o], y[o]))
+        per = [(self._raw_features(sec, sec.xy[o]), ab, y) for sec, o, ab, y in
+               ordered_training_sets(sections, targets, self.n_positions, self.name)]
         self.stats_ = {}
         for k in ("target", "region"):
             a = np.concatenate([p[0][k] for p in per])
-            a = a.reshape(-1, a.shape[-1])
-            mu, sd = a.mean(axis=0), a.std(axis=0)
-            sd[sd < 1e-6] = 1.0
-            if not self.standardize:
-                mu, sd = np.zeros_like(mu), np.ones_like(sd)
-            self.stats_[k] = (mu.astype(np.float32), sd.astype(np.float32))
+            self.stats_[k] = feature_stats(a.reshape(-1, a.shape[-1]), self.standardize)
         self.in_dim_ = int(per[0][0]["target"].shape[-1])
         dev = train.resolve_device(self.device)
         data, groups = [], []
@@ -338,20 +335,14 @@ class TriHRGE(SpotMethod):
     def _predict_spots(self, section, xy: np.ndarray) -> np.ndarray:
         import torch
 
-        self._check()
-        lat, ab_meas = section_lattice(section)
-        q_ab = lattice_index(lat, xy)
-        positions_in_range(q_ab, self.n_positions, self.name)
-        dist, nn = cKDTree(ab_meas.astype(np.float64)).query(q_ab)
-        same = dist < 1e-6
-        new = np.flatnonzero(~same)
-        all_ab = np.concatenate([ab_meas.astype(np.float64), q_ab[new]]).astype(np.float32)
+        all_ab, new, row = prediction_points(section, xy, self.n_positions, self.name)
+        all_ab = all_ab.astype(np.float32)
         f = self._raw_features(section, section.xy)
         if len(new):
             g = self._raw_features(section, xy[new])
             f = {k: np.concatenate([f[k], g[k]]) for k in f}
         if f["target"].shape[-1] != self.in_dim_:
-            raise ValueError(f"{self.name} was fitted on {self.in_dim_}-d crop features but "
+            raise InputError(f"{self.name} was fitted on {self.in_dim_}-d crop features but "
                              f"encoder {self.encoder!r} gives {f['target'].shape[-1]}-d")
         f = self._standardise(f)
         dev = train.resolve_device(self.device)
@@ -359,21 +350,19 @@ class TriHRGE(SpotMethod):
         T = torch.from_numpy(f["target"]).to(dev)
         R = torch.from_numpy(f["region"]).to(dev)
         AB = torch.from_numpy(all_ab).to(dev)
-        rows = np.concatenate([nn[same], len(ab_meas) + np.arange(len(new))])
-        where = np.concatenate([np.flatnonzero(same), new])
         out = np.empty((len(xy), len(self.genes_)), dtype=np.float32)
         with torch.inference_mode():
             Gs = [m.encode_global(T, AB) if self.variant == "paper" and self.use_global
                   else None for m in models]
-            for a in range(0, len(rows), 256):
-                sel = torch.from_numpy(rows[a:a + 256]).to(dev)
+            for a in range(0, len(row), 256):
+                sel = torch.from_numpy(row[a:a + 256]).to(dev)
                 outs = []
                 for m, G in zip(models, Gs):
                     if self.variant == "released":
                         outs.append(m(torch.stack([T[sel], R[sel]], dim=1)))
                     else:
                         outs.append(m(T[sel], R[sel], G, sel)[-1])
-                out[where[a:a + 256]] = train.median_over_states(outs)
+                out[a:a + 256] = train.median_over_states(outs)
         return out
 
 

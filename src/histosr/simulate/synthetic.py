@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .geometry import SP_PX, TARGET_UM_PER_PX, footprint_matrix, grid_for
-from .image import ArrayImage
-from .section import Section, SectionError, make_counts, validate
+from ..geometry import SP_PX, TARGET_UM_PER_PX, footprint_matrix, grid_for
+from ..image import ArrayImage
+from ..section import Section, SectionError, make_counts, validate
 
 CLASSES = ("tumour", "stroma", "immune", "fat")
 _SUB = 4  # the class map is drawn on a 2 um grid (4 px), 4x4 cells per superpixel

@@ -26,9 +26,11 @@ import numpy as np
 import scipy.sparse as sp
 from scipy import ndimage
 
-from .cells import disk_polygon, polygon_weights
-from .geometry import SP_UM, grid_for
-from .section import Section, SectionError
+from ..cells import disk_polygon, polygon_weights
+from ..errors import InputError
+from ..geometry import SP_UM, grid_for
+from ..keys import jsonable
+from ..section import Section, SectionError
 
 TRUTH_DIR = "truth.zarr"
 SECTION_JSON = "section.json"
@@ -36,8 +38,8 @@ SECTION_JSON = "section.json"
 
 def _select(section: Section, n_genes: int | None) -> tuple[sp.csr_matrix, list[str]]:
     """Raw counts (sparse) of the selected genes: all when ``n_genes`` is None or the panel
-    is smaller, else the ``hvg`` rule of :func:`histosr.metrics.select_genes` (HEST rule)."""
-    from .metrics import select_genes
+    is smaller, else the HEST rule of :func:`histosr.pp.select_genes`."""
+    from ..pp import select_genes
 
     X = section.counts.X
     X = sp.csr_matrix(X, dtype=np.float64) if sp.issparse(X) else sp.csr_matrix(
@@ -45,7 +47,7 @@ def _select(section: Section, n_genes: int | None) -> tuple[sp.csr_matrix, list[
     genes = list(section.genes)
     if n_genes is None or len(genes) <= n_genes:
         return X, genes
-    chosen = select_genes(X, genes, n_genes)
+    chosen = select_genes(section, n_genes)
     if not chosen:
         raise SectionError(f"no gene of {section.name!r} is detected in >= 10% of its bins/cells")
     idx = [genes.index(g) for g in chosen]
@@ -102,7 +104,7 @@ def truth_from_bins(section: Section, n_genes: int | None = 1000, assign: str = 
         mask = (np.asarray(Wm.sum(axis=0)).ravel() >= min_coverage).reshape(H, W)
         Wm = _row_normalise(Wm)
     else:
-        raise ValueError(f"assign must be 'nearest' or 'area', got {assign!r}")
+        raise InputError(f"assign must be 'nearest' or 'area', got {assign!r}")
     cube = _cube(Wm, X, (H, W))
     return _with_truth(section, cube, genes, mask, f"visium_hd bins ({assign})",
                        {"truth_assign": assign})
@@ -133,7 +135,7 @@ def truth_from_cells(section: Section, polygons: dict | list | None = None,
     s = grid.sp_per_px
     ids = list(section.counts.obs_names)
     if polygons is None and section.meta.get("boundaries_path"):
-        from .io.xenium import read_cell_boundaries
+        from ..io.xenium import read_cell_boundaries
 
         polygons = read_cell_boundaries(section)
     source = "cell polygons"
@@ -173,7 +175,7 @@ def detect_hd_format(path) -> str:
     p = p.parent if p.is_file() else p
     if (p / "experiment.xenium").is_file() or (p / "outs" / "experiment.xenium").is_file():
         return "xenium"
-    from .io import detect_platform
+    from ..io import detect_platform
 
     try:
         if detect_platform(p) == "visium_hd":
@@ -196,8 +198,8 @@ def simulate_from(path, format: str | None = None, n_genes: int | None = 1000,
     :func:`truth_from_bins` (Xenium always splits by area). Other keywords go to the reader
     (e.g. ``image=``, ``um_per_px=``, ``alignment=``).
     """
-    from .io import read_visium_hd, read_xenium
-    from .simulate import pseudo_visium
+    from ..io import read_visium_hd, read_xenium
+    from .synthetic import pseudo_visium
 
     fmt = format or detect_hd_format(path)
     if fmt == "visium_hd":
@@ -207,10 +209,10 @@ def simulate_from(path, format: str | None = None, n_genes: int | None = 1000,
     elif fmt == "xenium":
         hd = read_xenium(path, **read_kw)
         if assign not in (None, "area"):
-            raise ValueError("Xenium cells are always split over superpixels by area")
+            raise InputError("Xenium cells are always split over superpixels by area")
         sec = truth_from_cells(hd, n_genes=n_genes)
     else:
-        raise ValueError(f"format must be 'visium_hd' or 'xenium', got {fmt!r}")
+        raise InputError(f"format must be 'visium_hd' or 'xenium', got {fmt!r}")
     out = pseudo_visium(sec, min_tissue=min_tissue, name=name or hd.name)
     out.meta.update(simulated_from=str(path), simulated_format=fmt,
                     n_source_units=int(hd.n_spots))
@@ -218,17 +220,6 @@ def simulate_from(path, format: str | None = None, n_genes: int | None = 1000,
 
 
 # ------------------------------------------------------------------------------ storage
-def _jsonable(meta: dict) -> dict:
-    out = {}
-    for k, v in meta.items():
-        try:
-            json.dumps(v)
-            out[k] = v
-        except TypeError:
-            continue
-    return out
-
-
 def write_simulated(section: Section, folder, *, jpeg_quality: int = 95) -> Path:
     """Write a section with truth: iStar layout (:func:`histosr.io.write_istar`) plus
     ``truth.zarr`` (``cube`` (H_sp, W_sp, G) float32, ``mask``; attrs ``genes``) and
@@ -236,8 +227,8 @@ def write_simulated(section: Section, folder, *, jpeg_quality: int = 95) -> Path
     :func:`read_simulated`; ``histosr benchmark p4 --data FOLDER`` scores it."""
     import zarr
 
-    from .features.featuremap import create_zarr_array
-    from .io import write_istar
+    from ..features.featuremap import create_zarr_array
+    from ..io import write_istar
 
     if section.truth is None:
         raise SectionError(f"section {section.name!r} has no truth to write")
@@ -260,7 +251,7 @@ def write_simulated(section: Section, folder, *, jpeg_quality: int = 95) -> Path
     obs = section.counts.obs
     info = {"name": section.name, "platform": section.platform,
             "spot_diameter_um": float(section.spot_diameter_um),
-            "um_per_px": float(section.um_per_px), "meta": _jsonable(section.meta)}
+            "um_per_px": float(section.um_per_px), "meta": jsonable(section.meta)}
     if {"array_row", "array_col"} <= set(obs.columns):
         info["array"] = {s: [int(r), int(c)] for s, r, c in
                          zip(obs.index, obs["array_row"], obs["array_col"])}
@@ -278,7 +269,7 @@ def read_simulated(folder) -> Section:
     """A section written by :func:`write_simulated` (or ``histosr simulate``), with truth."""
     import zarr
 
-    from .io import read_istar
+    from ..io import read_istar
 
     folder = Path(folder)
     if not is_simulated(folder):

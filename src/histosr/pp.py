@@ -1,0 +1,86 @@
+"""Preprocessing (scanpy's ``pp``): the one gene-selection rule of histosr.
+
+:func:`select_genes` is the HEST-Benchmark rule used everywhere - ``histosr run`` / ``fit``
+defaults, the benchmark gene sets (``top50`` = the first 50 of ``hvg1000``), simulation
+panels - pooled over sections the way scanpy's ``highly_variable_genes(batch_key=...)`` pools
+batches: genes measured in every section, detected (count > 0) in at least ``min_frac`` of
+the pooled spots, ranked by the variance over the pooled spots of log1p CP10k (each spot's
+library = its total over ALL its measured genes, not only the candidates).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+
+from .arrays import dense, row_sums
+from .errors import InputError
+
+
+def _tables(data) -> list:
+    """AnnData counts tables of a Section, an AnnData or a list of either."""
+    items = data if isinstance(data, (list, tuple)) else [data]
+    if not items:
+        raise InputError("select_genes needs at least one section")
+    return [getattr(d, "counts", d) for d in items]
+
+
+def shared_genes(data) -> list[str]:
+    """Genes measured in every section, in the first section's order."""
+    tabs = _tables(data)
+    common = set(map(str, tabs[0].var_names))
+    for t in tabs[1:]:
+        common &= set(map(str, t.var_names))
+    return [str(g) for g in tabs[0].var_names if str(g) in common]
+
+
+def select_genes(data, n_top: int | None = 1000, min_frac: float = 0.10,
+                 include=None) -> list[str]:
+    """The HEST rule over the pooled spots of ``data`` (a Section, an AnnData of raw counts,
+    or a list of them): genes measured in all of them, detected in >= ``min_frac`` of the
+    pooled spots, the ``n_top`` with the highest variance of log1p CP10k (``None``: all that
+    pass). Ties keep the first section's gene order, so a smaller ``n_top`` gives a prefix.
+
+    ``include``: genes the user names (previews, markers); they are appended when measured
+    in every section, and a warning names those that are not. Fewer than ``n_top`` genes are
+    returned when fewer pass the filter."""
+    from .metrics import log_cp10k
+
+    if n_top is not None and int(n_top) < 1:
+        raise InputError(f"n_top must be >= 1 (or None for every gene that passes), got {n_top}")
+    if not 0.0 <= float(min_frac) <= 1.0:
+        raise InputError(f"min_frac must be in [0, 1], got {min_frac}")
+    tabs = _tables(data)
+    genes = shared_genes(tabs)
+    chosen: list[str] = []
+    n_spots = sum(t.n_obs for t in tabs)
+    if genes and n_spots:
+        det = np.zeros(len(genes))
+        mats, libs = [], []
+        for t in tabs:
+            X = t.X
+            X = X.tocsc() if sp.issparse(X) else dense(X)
+            idx = t.var_names.get_indexer(genes)
+            sub = X[:, idx]
+            det += np.asarray((sub > 0).sum(axis=0), dtype=np.float64).ravel()
+            mats.append(sub)
+            libs.append(row_sums(X))
+        keep = np.flatnonzero(det / n_spots >= float(min_frac))
+        if len(keep):
+            vals = np.concatenate([log_cp10k(dense(m[:, keep]), lib)
+                                   for m, lib in zip(mats, libs)])
+            order = np.argsort(-vals.var(axis=0), kind="stable")
+            if n_top is not None:
+                order = order[: int(n_top)]
+            chosen = [genes[keep[i]] for i in order]
+    extra = [str(g) for g in (include or []) if str(g) not in chosen]
+    missing = [g for g in extra if g not in genes]
+    if missing:
+        warnings.warn(f"{len(missing)} requested gene(s) not measured in every section, left "
+                      f"out: {', '.join(missing[:10])}", stacklevel=2)
+    return chosen + [g for g in extra if g in genes]
+
+
+__all__ = ["select_genes", "shared_genes"]
