@@ -18,6 +18,20 @@ def data_dir():
     return d
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_cache(tmp_path_factory):
+    """One feature / crop cache for the whole session (``$HISTOSR_CACHE_DIR``, inherited by
+    the CLI subprocesses): a section's features are computed once, whichever tests use it.
+    Entries are keyed by their inputs, so sharing cannot mix results up."""
+    old = os.environ.get("HISTOSR_CACHE_DIR")
+    os.environ["HISTOSR_CACHE_DIR"] = str(tmp_path_factory.mktemp("histosr-cache"))
+    yield os.environ["HISTOSR_CACHE_DIR"]
+    if old is None:
+        os.environ.pop("HISTOSR_CACHE_DIR", None)
+    else:
+        os.environ["HISTOSR_CACHE_DIR"] = old
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -91,7 +91,7 @@ def _data(rel: str, **kw):
 
 #: id -> (section spec maker, expected: "ok" or an error message fragment, extra outputs)
 CASES = {
-    "her2st_C3": (_data("her2st", reader="her2st", name="C3"), "ok", {}),
+    "her2st_C2": (_data("her2st", reader="her2st", name="C2"), "ok", {}),
     "st_mouse_olfactory_bulb": (_data("fixtures/st_mouse_olfactory_bulb", reader="st"), "ok", {}),
     "visium_v1_mouse_brain": (_data("fixtures/visium_v1_mouse_brain_100genes", reader="visium"),
                               "ok", {}),

@@ -83,3 +83,25 @@ def test_ablations_run_and_errors(tmp_path):
         get_method("hespotex", **{**FAST, "target": "cpm"}).fit(train, genes=genes)
     with pytest.raises(ValueError, match="validation section"):
         get_method("hespotex", validation="nope", **FAST).fit(train, genes=genes)
+
+
+def test_states_median_and_resume_on_the_shared_loop(tmp_path, monkeypatch):
+    """hespotex trains on histosr.train like every learned method: n_states members and
+    checkpoints that a killed or repeated fit resumes from."""
+    from histosr import train as training
+
+    secs = sections()[:2]
+    genes = select_genes(secs, 8)
+    kw = {**FAST, "gate_epochs": 5, "epochs": 3, "n_states": 2,
+          "checkpoint_dir": str(tmp_path / "ck")}
+    m = get_method("hespotex", cache_dir=str(tmp_path), **kw).fit(secs, genes=genes)
+    assert len(m.states_) == 2 and len(m.fit_info_["members"]) == 2
+    view = image_only_view(sections()[3])
+    pred = m.predict(view).X
+
+    def boom(*a, **k):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(training, "train_loop", boom)
+    again = get_method("hespotex", cache_dir=str(tmp_path), **kw).fit(secs, genes=genes)
+    np.testing.assert_array_equal(again.predict(view).X, pred)

@@ -6,7 +6,6 @@ import sys
 
 import anndata as ad
 import numpy as np
-import pytest
 import zarr
 
 from histosr.cli import main
@@ -61,17 +60,6 @@ def test_run_config_on_istar_folder_writes_anndata_maps_report(tmp_path):
     rep2 = json.loads((run / "report.json").read_text())
     assert any("reused" in n for n in rep2["notes"])
     assert rep2["timings_s"]["fit"] < rep["timings_s"]["fit"]
-
-
-@pytest.mark.slow
-def test_run_config_on_her2st_section(tmp_path, data_dir):
-    cfg = _config(tmp_path, {"reader": "her2st", "path": str(data_dir / "her2st"),
-                             "name": "C3"}, genes=["ERBB2"])
-    assert main(["--quiet", "run", cfg]) == 0
-    pred = ad.read_h5ad(tmp_path / "run" / "prediction.h5ad")
-    assert pred.n_obs > 50_000  # tissue superpixels of a whole her2st section
-    assert pred.uns["histosr"]["um_per_px"] == pytest.approx(0.74, abs=0.05)
-    assert (tmp_path / "run" / "previews" / "ERBB2.png").is_file()
 
 
 def test_cli_user_errors_are_one_line(tmp_path):

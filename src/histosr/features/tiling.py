@@ -54,7 +54,7 @@ from scipy import ndimage as ndi
 from ..errors import InputError
 from ..geometry import SP_PX, grid_for, read_calibrated
 from ..keys import digest
-from .cache import cache_path, feature_key
+from .cache import CACHE_ENV, cache_path, feature_key
 from .featuremap import FeatureMap, create_zarr_array
 from .registry import get_encoder
 
@@ -301,6 +301,8 @@ def _compute(section, enc, info, enc_spec, enc_kwargs, out, cache_dir, tile_sp, 
     )
 
     # -- where the result goes; reuse a complete one ------------------------------------
+    if cache_dir is None and os.environ.get(CACHE_ENV):  # one cache shared by every run
+        cache_dir = os.environ[CACHE_ENV]
     if out is not None:
         path = Path(out)
     elif cache_dir is not None:
