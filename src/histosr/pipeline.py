@@ -38,6 +38,8 @@ DEFAULTS: dict[str, Any] = {
     "predict": {"previews": None, "n_previews": 4},
     # outputs.spatialdata: also write a SpatialData zarr store (needs histosr[spatialdata])
     "outputs": {"spatialdata": False},
+    # analysis.interactions: ligand-receptor co-localisation, spots vs map (histosr.interactions)
+    "analysis": {"interactions": False},
     "seed": 0,
 }
 
@@ -68,7 +70,7 @@ def _merge(cfg: dict) -> dict:
         else:
             out[k] = v
     known = {"section", "features", "method", "genes", "predict", "seed", "out", "cache",
-             "outputs"}
+             "outputs", "analysis"}
     extra = sorted(set(out) - known)
     if extra:
         raise ConfigError(f"unknown config keys {extra}: expected some of {sorted(known)}")
@@ -112,7 +114,7 @@ def choose_genes(section, n_top: int, min_frac: float = 0.1) -> list[str]:
 def run(cfg: dict, out: str | Path | None = None, progress: bool = True) -> RunReport:
     """Run the pipeline; returns the written report."""
     from . import features as feat
-    from . import train
+    from . import interactions, train
     from .methods.base import Method, get_method
     from .metrics import log_cp10k, pcc_per_gene
     from .outputs import write_h5ad, write_maps_from_anndata
@@ -195,6 +197,7 @@ def run(cfg: dict, out: str | Path | None = None, progress: bool = True) -> RunR
         show = [g for g in show if g in pred.var_names]
         spots = section.counts[:, show].copy() if show else None
         rep.images += previews(pred, show, out / "previews", section=section, spots=spots)
+    interactions.run_in_pipeline(cfg["analysis"], pred, spots_pred, section, out, rep)
     rep.write()
     return rep
 
