@@ -233,3 +233,29 @@ def test_report_and_cli_on_a_run_folder(tmp_path):
     assert g.index[0] == "CXCL12^CXCR4" and {"morans_r", "pval", "qval"} <= set(g.columns)
     assert (out / "comparison.tsv").is_file() and rep["images"]
     assert main(["interactions", str(tmp_path / "missing")]) == 2
+
+
+def test_run_config_switch(tmp_path):
+    from histosr.pipeline import _merge
+    from histosr.report import RunReport
+
+    assert _merge({"section": {"path": "x"}})["analysis"] == {"interactions": False}
+    cfg = _merge({"section": {"path": "x"}, "analysis": {"interactions": {"n_perms": 30}}})
+    assert cfg["analysis"]["interactions"] == {"n_perms": 30}
+    sr, spots = superpixel_map(side=48), spot_section(side=4)
+    res = tmp_path / "pairs.csv"
+    RESOURCE.to_csv(res, index=False)
+    rep = RunReport("t", tmp_path, params={"seed": 5})
+    ia.run_in_pipeline({"interactions": False}, sr, spots, None, tmp_path, rep)
+    assert not rep.metrics and "interactions" not in sr.uns
+    with pytest.raises(ValueError, match="unknown analysis.interactions options"):
+        ia.run_in_pipeline({"interactions": {"n_perm": 30}}, sr, spots, None, tmp_path, rep)
+    with pytest.raises(ValueError, match="n_perms must be a positive integer"):
+        ia.run_in_pipeline({"interactions": {"n_perms": 0, "resource": str(res)}}, sr, spots,
+                           None, tmp_path, rep)
+    ia.run_in_pipeline({"interactions": {"n_perms": 30, "bandwidth_um": 40.0, "n_maps": 1,
+                                         "resource": str(res)}}, sr, spots, None, tmp_path, rep)
+    assert rep.metrics["interactions_top_pair_superpixels"].startswith("LIG^REC")
+    assert sr.uns["interactions"]["params"]["seed"] == 5  # the run's seed
+    assert "interactions" in rep.timings and (tmp_path / "interactions" / "comparison.tsv").is_file()
+    assert "interactions" not in spots.uns  # the caller's spots are left as they were

@@ -27,7 +27,7 @@ from a ligand-receptor resource that ships inside the ``liana`` package (default
 
 Bounded memory: a superpixel AnnData (``obs`` ``row``/``col``) is aggregated before the
 analysis. Counts are summed over square bins of k x k superpixels, k the smallest integer
-with a bin of at least ``bandwidth_um / 3`` (so the kernel spans at most ~170 bins, which
+with a bin of at least ``bandwidth_um / 3`` (so the kernel spans at most ~130 bins, which
 bounds the cost of each permutation) and at most ``max_obs`` bins (default 20,000). ``X`` is
 read in row chunks (a backed ``anndata.read_h5ad(path, backed="r")`` works) and only the
 genes of the resource's pairs are kept, so memory grows with bins x resource genes, not with
@@ -306,8 +306,6 @@ def global_scores(a, pairs: pd.DataFrame, n_perms: int, seed: int,
     import liana as li
     from scipy.stats import false_discovery_control
 
-    if not isinstance(n_perms, (int, np.integer)) or n_perms < 1:
-        raise ValueError(f"n_perms must be a positive integer (permutations), got {n_perms!r}")
     try:
         with warnings.catch_warnings():  # LIANA's hints about raw counts / unused genes
             warnings.simplefilter("ignore")
@@ -369,18 +367,30 @@ class _Side:
     params: dict
 
 
+def _check_args(bandwidth_um, kernel, cutoff, n_perms, min_frac, max_obs, bin_um) -> None:
+    if not isinstance(n_perms, (int, np.integer)) or n_perms < 1:
+        raise ValueError(f"n_perms must be a positive integer (permutations), got {n_perms!r}")
+    if not (bandwidth_um > 0):
+        raise ValueError(f"bandwidth_um must be > 0 um, got {bandwidth_um!r}")
+    if not (0 < cutoff < 1):
+        raise ValueError(f"cutoff must be in (0, 1), got {cutoff!r}")
+    _support_um(1.0, kernel, cutoff)
+    if not (0 <= min_frac < 1):
+        raise ValueError(f"min_frac must be in [0, 1), got {min_frac!r}")
+    if not (isinstance(max_obs, (int, np.integer)) and max_obs >= 10):
+        raise ValueError(f"max_obs must be an integer >= 10, got {max_obs!r}")
+    if bin_um is not None and not (bin_um > 0):
+        raise ValueError(f"bin_um must be > 0 um (or None: automatic), got {bin_um!r}")
+
+
 def _prepare(adata, resource, bandwidth_um, kernel, cutoff, n_perms, seed, min_frac, max_obs,
              bin_um, um_per_px, genes, what) -> _Side:
+    _check_args(bandwidth_um, kernel, cutoff, n_perms, min_frac, max_obs, bin_um)
     res = resource_table(resource)
     names = list(map(str, adata.var_names))
     use = names if genes is None else [g for g in names if g in set(map(str, genes))]
     label = resource if isinstance(resource, str) else "the given resource"
     pairs = _check_measured(res, use, f"{label}")
-    if not (bandwidth_um > 0):
-        raise ValueError(f"bandwidth_um must be > 0 um, got {bandwidth_um!r}")
-    _support_um(1.0, kernel, cutoff)
-    if not (0 < cutoff < 1):
-        raise ValueError(f"cutoff must be in (0, 1), got {cutoff!r}")
     upp = _um_per_px(adata, um_per_px)
     need = sorted({g for n in pd.concat([pairs["ligand"], pairs["receptor"]]) for g in
                    _subunits(n)})
@@ -497,6 +507,11 @@ def compare_interactions(spots, superpixels, resource: str | pd.DataFrame = "con
         raise ValueError("the spots and the super-resolved map share no gene: expected the same "
                          "gene symbols in both var_names")
     kw = dict(kwargs)
+    unknown = set(kw) - {"bandwidth_um", "kernel", "cutoff", "n_perms", "seed", "min_frac",
+                         "max_obs", "bin_um"}
+    if unknown:
+        raise ValueError(f"unknown arguments {sorted(unknown)}: expected some of bandwidth_um, "
+                         "kernel, cutoff, n_perms, seed, min_frac, max_obs, bin_um")
     sides = {}
     for what, ad_ in (("spots", spots), ("superpixels", superpixels)):
         sides[what] = _prepare(ad_, resource, kw.get("bandwidth_um", BANDWIDTH_UM),
@@ -505,10 +520,6 @@ def compare_interactions(spots, superpixels, resource: str | pd.DataFrame = "con
                                kw.get("min_frac", 0.05), kw.get("max_obs", 20000),
                                kw.get("bin_um") if what == "superpixels" else None, upp,
                                common, what)
-    unknown = set(kw) - {"bandwidth_um", "kernel", "cutoff", "n_perms", "seed", "min_frac",
-                         "max_obs", "bin_um"}
-    if unknown:
-        raise ValueError(f"unknown arguments {sorted(unknown)}")
     ts, tr = sides["spots"].table, sides["superpixels"].table
     union = list(dict.fromkeys(_top_pairs(tr, n_top) + _top_pairs(ts, n_top)))
     union = [p for p in union if f"{p[0]}{SEP}{p[1]}" in ts.index
@@ -519,13 +530,8 @@ def compare_interactions(spots, superpixels, resource: str | pd.DataFrame = "con
     names = [c for c in loc["superpixels"][0].columns if c in loc["spots"][0].columns]
     # the super-resolved local score at each measured spot
     su = sides["superpixels"].units
-    spots_xy = np.asarray(spots.obsm["spatial"], np.float64)
-    if sides["spots"].units.of_obs is None:
-        spots_xy_u = spots_xy * upp
-        spot_vals = loc["spots"][0][names].to_numpy(np.float64)
-    else:
-        spots_xy_u = sides["spots"].units.xy_px * upp
-        spot_vals = loc["spots"][0][names].to_numpy(np.float64)
+    spots_xy_u = sides["spots"].units.xy_px * upp  # spots (or bins of them: > max_obs spots)
+    spot_vals = loc["spots"][0][names].to_numpy(np.float64)
     if spot_diameter_um is None:
         from scipy.spatial import cKDTree
 

@@ -232,9 +232,12 @@ def interaction_map(adata, pair: str, section=None, ax=None, key: str = "interac
                    edgecolors=(0.5, 0.5, 0.5, 0.6), linewidths=0.5)
         im = ax.scatter(xy[ok, 0], xy[ok, 1], c=v[ok], cmap=cmap, s=spot_size, alpha=alpha,
                         vmin=vmin, vmax=vmax)
-        if section is None:
-            ax.set_aspect("equal")
-            ax.invert_yaxis()
+        ax.set_aspect("equal")
+    # zoom on the observations (the H&E around the tissue is mostly glass)
+    lo, hi = xy.min(axis=0), xy.max(axis=0)
+    pad = 0.05 * float(max(hi - lo)) + 1.0
+    ax.set_xlim(lo[0] - pad, hi[0] + pad)
+    ax.set_ylim(hi[1] + pad, lo[1] - pad)
     ax.set_title(title or pair, fontsize=9)
     ax.set_axis_off()
     plt.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="local R")
