@@ -395,7 +395,7 @@ def _prepare(adata, resource, bandwidth_um, kernel, cutoff, n_perms, seed, min_f
     need = sorted({g for n in pd.concat([pairs["ligand"], pairs["receptor"]]) for g in
                    _subunits(n)})
     u = units(adata, need, upp, bandwidth_um, int(max_obs), bin_um,
-              None if genes is None else use)
+              None if genes is None or len(use) == len(names) else use)
     a = _liana_adata(u, bandwidth_um, kernel, cutoff)
     table = global_scores(a, pairs, n_perms, seed, min_frac)
     params = {"resource": label, "pairs_in_resource": int(len(res)),
@@ -609,7 +609,7 @@ def _save(fig, path: Path) -> Path:
 
 def _brief(t: pd.DataFrame, name: str) -> str:
     r = t.loc[name]
-    return f"{name} (R={r['morans_r']:.3f}, q={r['qval']:.2g})"
+    return f"{name} (R={r['morans_r']:.3f}, p={r['pval']:.2g}, q={r['qval']:.2g})"
 
 
 def write_report(spots, superpixels, out_dir: str | Path, rep, section=None,
@@ -644,7 +644,7 @@ def write_report(spots, superpixels, out_dir: str | Path, rep, section=None,
     for tag, t in (("spots", ts), ("superpixels", tr)):
         m[f"interactions_significant_{tag}"] = int((t["qval"] < 0.05).sum())
         m[f"interactions_top_pair_{tag}"] = _brief(t, t.index[0])
-        m[f"interactions_top{n_top}_{tag}"] = ", ".join(t.index[:n_top])
+        m[f"interactions_top{n_top}_{tag}"] = "; ".join(_brief(t, i) for i in t.index[:n_top])
     if len(cmp_):
         m["interactions_most_changed"] = ", ".join(
             f"{i} (local r={r:.2f})" for i, r in cmp_["local_pearson"].head(5).items())
@@ -661,7 +661,8 @@ def write_report(spots, superpixels, out_dir: str | Path, rep, section=None,
             _write_tsv(ta, out / "global_spots_all_genes.tsv"))
         m["interactions_pairs_tested_spots_all_genes"] = int(len(ta))
         m["interactions_significant_spots_all_genes"] = int((ta["qval"] < 0.05).sum())
-        m[f"interactions_top{n_top}_spots_all_genes"] = ", ".join(ta.index[:n_top])
+        m[f"interactions_top{n_top}_spots_all_genes"] = "; ".join(
+            _brief(ta, i) for i in ta.index[:n_top])
         tables["measured spots, all genes"] = ta
     rep.images.append(_save(pl.interactions_top(tables, n=n_top,
                                                 title="top ligand-receptor pairs"),

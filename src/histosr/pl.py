@@ -194,13 +194,14 @@ def domains_vs_labels(adata, section, labels=None, key: str = "domain", spot_dom
 # -- ligand-receptor interactions -------------------------------------------------------------
 def interaction_map(adata, pair: str, section=None, ax=None, key: str = "interactions",
                     hotspots: bool = True, cmap: str = "viridis", title: str | None = None,
-                    alpha: float = 0.85, spot_size: float = 18.0):
+                    alpha: float = 0.85, spot_size: float = 18.0, thumbnail=None):
     """Local co-localisation of one ``ligand^receptor`` pair over the section's H&E: the
     local bivariate Moran's R in ``obsm[key]`` (written by :func:`histosr.tl.interactions`),
     with ``hotspots`` only where ligand and receptor are both above average around the
     observation (``obsm[key + "_cats"] == 1``; elsewhere transparent, spots hollow).
     Superpixel AnnData are drawn as an image on the 8 um grid, spots as dots at
-    ``obsm["spatial"]`` (full-resolution px)."""
+    ``obsm["spatial"]`` (full-resolution px). ``thumbnail``: the section's
+    ``image.thumbnail()``, when already read (several panels of one slide)."""
     plt = _plt()
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 5))
@@ -216,7 +217,10 @@ def interaction_map(adata, pair: str, section=None, ax=None, key: str = "interac
     vmax = float(np.percentile(fin, 99)) if len(fin) else 1.0
     vmin = 0.0 if hotspots else float(np.percentile(fin, 1)) if len(fin) else 0.0
     vmax = vmax if vmax > vmin else vmin + 1.0
-    _background(ax, section)
+    if section is not None:
+        h, w = section.image.shape[:2]
+        ax.imshow(section.image.thumbnail(1024) if thumbnail is None else thumbnail,
+                  extent=(0, w, h, 0))
     xy = np.asarray(adata.obsm["spatial"])
     if "row" in adata.obs and "grid_shape" in adata.uns.get("histosr", {}):
         gh, gw = adata.uns["histosr"]["grid_shape"]
@@ -250,11 +254,12 @@ def interaction_maps(spots, superpixels, pairs: list[str], section=None,
     (:func:`interaction_map`). Returns the matplotlib Figure."""
     plt = _plt()
     fig, axes = plt.subplots(len(pairs), 2, figsize=(10.4, 4.6 * len(pairs)), squeeze=False)
+    thumb = None if section is None else section.image.thumbnail(1024)  # read once
     for i, pair in enumerate(pairs):
         interaction_map(spots, pair, section=section, ax=axes[i, 0], key=key,
-                        title=f"{pair}: measured spots")
+                        title=f"{pair}: measured spots", thumbnail=thumb)
         interaction_map(superpixels, pair, section=section, ax=axes[i, 1], key=key,
-                        title=f"{pair}: super-resolved")
+                        title=f"{pair}: super-resolved", thumbnail=thumb)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
