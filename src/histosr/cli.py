@@ -410,6 +410,18 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def cmd_interactions(args) -> int:
+    from .interactions import run_on_folder
+
+    opts = {k: v for k, v in (("resource", args.resource), ("bandwidth_um", args.bandwidth_um),
+                              ("n_perms", args.n_perms), ("n_top", args.n_top),
+                              ("seed", args.seed), ("max_obs", args.max_obs))
+            if v is not None}
+    rep = run_on_folder(args.run_dir, out=args.out, **opts)
+    print(f"report: {rep.out_dir / 'report.html'}")
+    return 0
+
+
 def cmd_doctor(args) -> int:
     import platform
 
@@ -581,6 +593,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--um-per-px", type=float, help="microns per full-resolution pixel")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_simulate)
+
+    s = sub.add_parser("interactions", help="ligand-receptor co-localisation on a run folder: "
+                       "measured spots vs the super-resolved map (LIANA+)")
+    s.add_argument("run_dir", help="folder written by `histosr run` (prediction.h5ad)")
+    s.add_argument("--resource", help="liana resource name (default consensus) or a CSV/TSV "
+                   "with columns ligand, receptor")
+    s.add_argument("--bandwidth-um", type=float, help="Gaussian kernel sigma in um (default 100)")
+    s.add_argument("--n-perms", type=int, help="permutations (default 1000)")
+    s.add_argument("--n-top", type=int, help="top pairs with local scores (default 20)")
+    s.add_argument("--max-obs", type=int, help="most superpixel bins analysed (default 20000)")
+    s.add_argument("--seed", type=int, help="default: the run's seed")
+    s.add_argument("--out", help="report folder (default RUN_DIR/interactions)")
+    s.set_defaults(fn=cmd_interactions)
 
     s = sub.add_parser("doctor", help="check the install, devices, encoders and data")
     s.set_defaults(fn=cmd_doctor)

@@ -8,6 +8,7 @@ A config is YAML (or a dict)::
     genes:    {n_top: 1000, min_frac: 0.1}          # or list: [...]; include: [...]
     predict:  {previews: [ERBB2, COL1A1], n_previews: 4}
     outputs:  {spatialdata: false}
+    analysis: {interactions: false}                 # ligand-receptor pairs, spots vs map
     seed: 0
     out: runs/C2
 
@@ -151,6 +152,21 @@ class OutputsConfig(_Strict):
     spatialdata: bool = False
 
 
+class AnalysisConfig(_Strict):
+    """Analyses of the prediction added to the run and its report: ``interactions``
+    (ligand-receptor co-localisation, measured spots vs the super-resolved map; ``true`` or
+    a mapping of options of :func:`histosr.interactions.compare_interactions`)."""
+
+    interactions: bool | dict[str, Any] = False
+
+    @model_validator(mode="after")
+    def _interaction_options(self):
+        from .interactions import options
+
+        options(self.interactions)  # names the unknown options before any work
+        return self
+
+
 class RunConfig(_Strict):
     section: SectionConfig
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
@@ -158,6 +174,7 @@ class RunConfig(_Strict):
     genes: GenesConfig = Field(default_factory=GenesConfig)
     predict: PredictConfig = Field(default_factory=PredictConfig)
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     seed: int = Field(0, ge=0)
     out: str | None = None
     cache: str | None = None

@@ -213,6 +213,9 @@ def _superpixel_outputs(rep, method, section, fm, rc: RunConfig, out: Path) -> N
         show = _preview_genes(rc, method.genes_)
         spots = section.counts[:, show].copy() if show else None
         rep.images += previews(pred, show, out / "previews", section=section, spots=spots)
+    from . import interactions
+
+    interactions.run_in_pipeline(rc.analysis.model_dump(), pred, spots_pred, section, out, rep)
 
 
 def _spot_outputs(rep, method, section, rc: RunConfig, out: Path) -> None:
@@ -239,6 +242,9 @@ def _spot_outputs(rep, method, section, rc: RunConfig, out: Path) -> None:
         show = _preview_genes(rc, method.genes_)
         rep.images += previews(spots_pred, show, out / "previews", section=section,
                                spots=section.counts[:, show].copy() if show else None)
+    if rc.analysis.interactions:
+        rep.notes.append("analysis.interactions compares the measured spots with a "
+                         "super-resolved map: not run for a spot-level method")
 
 
 # -- cohorts: one pipeline run per section, on Dask -------------------------------------------

@@ -198,3 +198,100 @@ def domains_vs_labels(adata, section, labels=None, key: str = "domain", spot_dom
         fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+# -- ligand-receptor interactions -------------------------------------------------------------
+def interaction_map(adata, pair: str, section=None, ax=None, key: str = "interactions",
+                    hotspots: bool = True, cmap: str = "viridis", title: str | None = None,
+                    alpha: float = 0.85, spot_size: float = 18.0, thumbnail=None):
+    """Local co-localisation of one ``ligand^receptor`` pair over the section's H&E: the
+    local bivariate Moran's R in ``obsm[key]`` (written by :func:`histosr.tl.interactions`),
+    with ``hotspots`` only where ligand and receptor are both above average around the
+    observation (``obsm[key + "_cats"] == 1``; elsewhere transparent, spots hollow).
+    Superpixel AnnData are drawn as an image on the 8 um grid, spots as dots at
+    ``obsm["spatial"]`` (full-resolution px). ``thumbnail``: the section's
+    ``image.thumbnail()``, when already read (several panels of one slide)."""
+    plt = _plt()
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 5))
+    if key not in adata.obsm or pair not in adata.obsm[key]:
+        have = list(adata.obsm[key].columns) if key in adata.obsm else []
+        raise ValueError(f"no local score for {pair!r} in obsm[{key!r}] (pairs: {have[:10]}): "
+                         "run histosr.tl.interactions first, with that pair among the top ones")
+    v = np.asarray(adata.obsm[key][pair], dtype=np.float64)
+    cats_key = f"{key}_cats"
+    if hotspots and cats_key in adata.obsm:
+        v = np.where(np.asarray(adata.obsm[cats_key][pair]) == 1, np.clip(v, 0, None), np.nan)
+    fin = v[np.isfinite(v)]
+    vmax = float(np.percentile(fin, 99)) if len(fin) else 1.0
+    vmin = 0.0 if hotspots else float(np.percentile(fin, 1)) if len(fin) else 0.0
+    vmax = vmax if vmax > vmin else vmin + 1.0
+    if section is not None:
+        h, w = section.image.shape[:2]
+        ax.imshow(section.image.thumbnail(1024) if thumbnail is None else thumbnail,
+                  extent=(0, w, h, 0))
+    xy = np.asarray(adata.obsm["spatial"])
+    if "row" in adata.obs and "grid_shape" in adata.uns.get("histosr", {}):
+        gh, gw = adata.uns["histosr"]["grid_shape"]
+        r, c = adata.obs["row"].to_numpy(), adata.obs["col"].to_numpy()
+        img = np.full((gh, gw), np.nan)
+        img[r, c] = v
+        px = _sp_size_px(xy, r, c)
+        im = ax.imshow(img, cmap=cmap, extent=(0, gw * px, gh * px, 0), alpha=alpha,
+                       interpolation="nearest", vmin=vmin, vmax=vmax)
+    else:
+        ok = np.isfinite(v)
+        ax.scatter(xy[~ok, 0], xy[~ok, 1], s=spot_size, facecolors="none",
+                   edgecolors=(0.5, 0.5, 0.5, 0.6), linewidths=0.5)
+        im = ax.scatter(xy[ok, 0], xy[ok, 1], c=v[ok], cmap=cmap, s=spot_size, alpha=alpha,
+                        vmin=vmin, vmax=vmax)
+        ax.set_aspect("equal")
+    # zoom on the observations (the H&E around the tissue is mostly glass)
+    lo, hi = xy.min(axis=0), xy.max(axis=0)
+    pad = 0.05 * float(max(hi - lo)) + 1.0
+    ax.set_xlim(lo[0] - pad, hi[0] + pad)
+    ax.set_ylim(hi[1] + pad, lo[1] - pad)
+    ax.set_title(title or pair, fontsize=9)
+    ax.set_axis_off()
+    plt.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="local R")
+    return ax
+
+
+def interaction_maps(spots, superpixels, pairs: list[str], section=None,
+                     key: str = "interactions", title: str | None = None):
+    """Figure: one row per pair, measured spots | super-resolved map
+    (:func:`interaction_map`). Returns the matplotlib Figure."""
+    plt = _plt()
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(10.4, 4.6 * len(pairs)), squeeze=False)
+    thumb = None if section is None else section.image.thumbnail(1024)  # read once
+    for i, pair in enumerate(pairs):
+        interaction_map(spots, pair, section=section, ax=axes[i, 0], key=key,
+                        title=f"{pair}: measured spots", thumbnail=thumb)
+        interaction_map(superpixels, pair, section=section, ax=axes[i, 1], key=key,
+                        title=f"{pair}: super-resolved", thumbnail=thumb)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def interactions_top(tables: dict, n: int = 20, title: str | None = None):
+    """Figure: for each ``{label: global table}`` (:func:`histosr.tl.interactions`), the
+    ``n`` first pairs as bars of Moran's R, each labelled with its BH q-value."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(tables), figsize=(5.6 * len(tables), 0.32 * n + 1.4),
+                             squeeze=False)
+    for ax, (label, t) in zip(axes[0], tables.items()):
+        t = t.head(n)
+        y = np.arange(len(t))[::-1]
+        ax.barh(y, t["morans_r"].to_numpy(), color=np.where(t["qval"] < 0.05, "#3b6fb6",
+                                                              "#b0b0b0"))
+        ax.set_yticks(y)
+        ax.set_yticklabels([f"{i}  q={q:.2g}" for i, q in zip(t.index, t["qval"])], fontsize=7)
+        ax.set_xlabel("global bivariate Moran's R")
+        ax.set_title(label, fontsize=10)
+        ax.axvline(0, color="k", lw=0.5)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig

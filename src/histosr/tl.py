@@ -517,6 +517,10 @@ def spatially_variable_genes(adata, n: int = 50, key_added: str = "moran_i",
     return top.to_frame("moran_i")
 
 
-__all__ = ["domains", "marker_score", "morans_i", "spatially_variable_genes", "representation",
-           "log_expression", "smooth_representation", "spatial_weights", "grid_weights",
-           "knn_weights", "knn_graph", "leiden_fallback"]
+# ligand-receptor co-localisation lives in its own module (LIANA+ is imported lazily)
+from .interactions import compare_interactions, interactions  # noqa: E402
+
+__all__ = ["interactions", "compare_interactions", "domains", "marker_score", "morans_i",
+           "spatially_variable_genes", "representation", "log_expression",
+           "smooth_representation", "spatial_weights", "grid_weights", "knn_weights", "knn_graph",
+           "leiden_fallback"]
