@@ -50,10 +50,10 @@ def test_defaults_filled_in_one_place():
 
 
 def test_set_overrides_with_dotted_keys():
-    sets = parse_assignments(["method.params.epochs=20", "genes.n_top=50",
-                              "method.name=knn", "section.name=C3"])
+    sets = parse_assignments(["method.params.epochs=20", "genes.n_top=50", "section.name=C3"])
     cfg = validate(apply_overrides(BASE, sets))
-    assert cfg.genes.n_top == 50 and cfg.method.name == "knn" and cfg.section.name == "C3"
+    assert cfg.genes.n_top == 50 and cfg.method.params == {"epochs": 20}
+    assert cfg.section.name == "C3" and BASE["section"]["name"] == "C2"  # input untouched
     with pytest.raises(ConfigError, match="has no parameter 'epochs'"):
         validate(apply_overrides(BASE, parse_assignments(["method.name=knn",
                                                           "method.params.epochs=3"])))

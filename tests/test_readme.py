@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 INJECT = [
     (r"^histosr (--quiet )?run configs/her2st", ["--set", "method.params.epochs=2",
                                                  "--set", "method.params.n_states=1",
-                                                 "--set", "genes.n_top=40"]),
+                                                 "--set", "genes.n_top=300"]),
     (r"^histosr (--quiet )?benchmark p[12] ", ["--sections", "C2"]),
     (r"^histosr (--quiet )?benchmark p3 ", ["--sections", "C2,C3"]),
     (r"^histosr (--quiet )?benchmark p4 (?!.*--data)", ["--sections", "0"]),
