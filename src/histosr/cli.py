@@ -153,9 +153,15 @@ def _predict_image(args) -> int:
     from .outputs import write_h5ad
     from .pl import previews
 
-    if not args.image or not args.um_per_px:
-        raise ValueError("predict needs a SECTION (data folder), or --image SLIDE together "
-                         "with --um-per-px X (microns per pixel) for an H&E-only prediction")
+    if not args.image:
+        raise ValueError("predict needs a SECTION (data folder), or --image SLIDE (with "
+                         "--um-per-px X unless the slide's metadata has it) for an H&E-only "
+                         "prediction")
+    from .image import open_image
+    from .slide import slide_um_per_px
+
+    image = open_image(args.image)  # whole slides (.svs, .ndpi, OME-TIFF...) read lazily
+    um_per_px = slide_um_per_px(image, args.um_per_px)  # before loading the model
     method = Method.load(args.model)
     if getattr(method, "kind", "") != "spot":
         raise ValueError(f"model {method.name!r} needs measured spots; prediction from an image "
@@ -163,12 +169,12 @@ def _predict_image(args) -> int:
                          "one with `histosr fit --method ridge ...`")
     grid = args.grid or "spots"
     diameter = args.spot_diameter_um or getattr(method, "train_diameter_um_", None) or 55.0
-    section = section_from_image(args.image, args.um_per_px, grid=grid,
+    section = section_from_image(image, um_per_px, grid=grid,
                                  spot_diameter_um=diameter, pitch_um=args.pitch_um or 100.0,
                                  name=Path(args.image).stem)
     pred = method.predict(section, at="spots")
     info = dict(pred.uns["histosr"])
-    info.update({"image": str(args.image), "um_per_px": float(args.um_per_px), "grid": grid,
+    info.update({"image": str(args.image), "um_per_px": float(um_per_px), "grid": grid,
                  "spot_diameter_um": float(diameter)})
     if grid == "superpixels":  # drawn as an 8 um map by pl.gene_map
         pred.obs["row"] = section.counts.obs["row"].to_numpy()
@@ -229,6 +235,21 @@ def cmd_evaluate(args) -> int:
     r = pcc_per_gene(est, truth)
     print(json.dumps({"n_spots": len(common), "n_genes": len(genes),
                       "pcc_mean": float(np.mean(r)), "pcc_median": float(np.median(r))}))
+    return 0
+
+
+def cmd_enrich(args) -> int:
+    """Pathway scores and over-representation of domain markers / spatially variable genes
+    of a finished run (histosr.pathways.enrich_run); the run folder is only read."""
+    from .pathways import enrich_run
+
+    res = enrich_run(args.run_dir, args.gene_sets, out=args.out, prediction=args.prediction,
+                     method=args.method, n_domains=args.n_domains, n_markers=args.n_markers,
+                     n_svg=args.n_svg, min_size=args.min_size)
+    for _, row in res["summary"].iterrows():
+        padj = "" if row["enriched_for"] == "none" else f" (padj {row['padj']:.2g}: {row['genes']})"
+        print(f"{row['query']}: {row['enriched_for']}{padj}")
+    print(f"enrichment: {res['out'] / 'enrichment.tsv'}  dot plot: {res['dotplot']}")
     return 0
 
 
@@ -447,6 +468,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--um-per-px", type=float, help="microns per full-resolution pixel")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_simulate)
+
+    s = sub.add_parser("enrich", help="pathway scores + gene-set over-representation of "
+                       "a run's domain markers and spatially variable genes")
+    s.add_argument("run_dir", help="run folder with prediction.h5ad (histosr run / predict)")
+    s.add_argument("--gene-sets", required=True, metavar="FILE.gmt",
+                   help="gene sets, GMT (name<TAB>description<TAB>genes...)")
+    s.add_argument("--prediction", help="AnnData to use (default RUN_DIR/prediction.h5ad)")
+    s.add_argument("--method", default="ulm",
+                   choices=["ulm", "aucell", "zscore", "score_genes", "mean"])
+    s.add_argument("--n-domains", type=int, default=6, help="k-means domains (if none stored)")
+    s.add_argument("--n-markers", type=int, default=100, help="marker genes per domain")
+    s.add_argument("--n-svg", type=int, default=100, help="top spatially variable genes")
+    s.add_argument("--min-size", type=int, default=3, help="fewest measured genes per set")
+    s.add_argument("--out", help="output folder (default RUN_DIR/enrich)")
+    s.set_defaults(fn=cmd_enrich)
 
     s = sub.add_parser("doctor", help="check the install, devices, encoders and data")
     s.set_defaults(fn=cmd_doctor)

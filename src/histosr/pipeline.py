@@ -10,6 +10,7 @@ depends on it. Config example (YAML)::
     genes: {n_top: 1000}
     predict: {previews: [ERBB2, COL1A1]}
     outputs: {spatialdata: true}   # optional: also write spatialdata.zarr
+    analysis: {gene_sets: sets.gmt} # optional: pathway maps + enrichment (histosr.pathways)
     seed: 0
     out: runs/C2
 """
@@ -38,6 +39,8 @@ DEFAULTS: dict[str, Any] = {
     "predict": {"previews": None, "n_previews": 4},
     # outputs.spatialdata: also write a SpatialData zarr store (needs histosr[spatialdata])
     "outputs": {"spatialdata": False},
+    # analysis.gene_sets: pathway maps + enrichment table (histosr.pathways.PipelineAnalysis)
+    "analysis": {},
     "seed": 0,
 }
 
@@ -68,7 +71,7 @@ def _merge(cfg: dict) -> dict:
         else:
             out[k] = v
     known = {"section", "features", "method", "genes", "predict", "seed", "out", "cache",
-             "outputs"}
+             "outputs", "analysis"}
     extra = sorted(set(out) - known)
     if extra:
         raise ConfigError(f"unknown config keys {extra}: expected some of {sorted(known)}")
@@ -119,6 +122,9 @@ def run(cfg: dict, out: str | Path | None = None, progress: bool = True) -> RunR
     from .pl import previews
 
     cfg = _merge(cfg)
+    from .pathways import PipelineAnalysis
+
+    analysis = PipelineAnalysis(cfg["analysis"])  # checks the block, reads the GMT: early
     out = Path(out or cfg.get("out") or "histosr_run")
     out.mkdir(parents=True, exist_ok=True)
     rep = RunReport(f"histosr run: {cfg['method']['name']}", out, params=cfg)
@@ -138,6 +144,7 @@ def run(cfg: dict, out: str | Path | None = None, progress: bool = True) -> RunR
     # genes asked for in previews are always fitted (when measured)
     show = cfg["predict"].get("previews") or []
     genes = list(genes) + [g for g in show if g in section.counts.var_names and g not in genes]
+    genes = analysis.add_genes(genes, section)  # gene-set genes are fitted too (maps)
     mcfg = cfg["method"]
     params = dict(mcfg.get("params") or {})
     params.setdefault("seed", int(cfg["seed"]))
@@ -195,6 +202,7 @@ def run(cfg: dict, out: str | Path | None = None, progress: bool = True) -> RunR
         show = [g for g in show if g in pred.var_names]
         spots = section.counts[:, show].copy() if show else None
         rep.images += previews(pred, show, out / "previews", section=section, spots=spots)
+    analysis.run(pred, spots_pred, section, out, rep)  # pathway maps, enrichment (if asked)
     rep.write()
     return rep
 
