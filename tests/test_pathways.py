@@ -214,3 +214,69 @@ def test_run_config_analysis_and_cli_enrich(tmp_path):
     cfg["analysis"] = {"gene_sets": str(gmt), "colour": "red"}
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["--quiet", "run", str(tmp_path / "bad.yaml")]) == 2
+
+
+# -- real data: her2st (legacy ST, HER2+ breast cancer) ----------------------------------------
+HER2ST_GMT = ("ERBB2_amplicon\tchr17q12 amplicon\tERBB2\tGRB7\tPGAP3\tSTARD3\tPNMT\tMIEN1\tTCAP\n"
+              "plasma_B\tplasma / B cells\tIGKC\tIGHG1\tIGHG3\tIGHM\tJCHAIN\tMZB1\n"
+              "fibroblast_ECM\tfibroblasts, extracellular matrix\tCOL1A1\tCOL1A2\tCOL3A1\tFN1"
+              "\tDCN\tLUM\n")
+
+
+def test_her2st_a1_domains_are_enriched_for_known_programmes(tmp_path, data_dir, capsys):
+    """A1 (346 spots, pathologist labels): k-means domains of the measured spots (2000 most
+    variable genes), then ORA of each domain's 100 markers against three programmes, with
+    every detected gene as the universe."""
+    from histosr.metrics import select_genes
+
+    (tmp_path / "her2st.gmt").write_text(HER2ST_GMT)
+    s = hs.read_her2st(data_dir / "her2st", "A1")
+    a = s.counts.copy()
+    a.uns["histosr"] = {"um_per_px": s.um_per_px}
+    hv = select_genes(s.dense_counts(), s.genes, 2000, min_frac=0.1)
+    b = hs.tl.domains(a[:, list(hv)].copy(), n_domains=6)
+    a.obs["domain"] = b.obs["domain"].to_numpy()
+    t = hs.tl.enrich(a, tmp_path / "her2st.gmt", n_markers=100, n_svg=100)
+    summ = pw.summarize(t)
+    labels = pd.crosstab(a.obs["domain"], pd.Series(s.annotations).reindex(a.obs_names))
+    with capsys.disabled():
+        print("\nA1 domain -> programme (majority pathologist label):")
+        for _, r in summ.iterrows():
+            d = r["query"].split()[-1]
+            maj = (f"{labels.loc[d].idxmax()} {labels.loc[d].max()}/{labels.loc[d].sum()}"
+                   if d in labels.index else "")
+            print(f"  {r['query']:>18}: {r['enriched_for']:<15} padj={r['padj']:.2g} "
+                  f"{r['genes']:<24} {maj}")
+    named = set(summ.loc[summ["query"].str.startswith("domain"), "enriched_for"])
+    assert {"ERBB2_amplicon", "plasma_B", "fibroblast_ECM"} <= named
+    sv = summ.set_index("query").loc["spatially variable", "all_significant"].split(",")
+    assert {"plasma_B", "ERBB2_amplicon"} <= set(sv)
+    assert (t["universe"] > 10000).all()  # detected genes of the 15k measured
+
+
+@pytest.mark.slow
+def test_her2st_c2_pathway_maps_follow_the_measured_spots(tmp_path, data_dir, capsys):
+    """`histosr run` on C2 (knn super-resolution, 100 genes + the sets' genes) with
+    analysis.gene_sets: each programme's 8 um map, averaged over each spot's footprint,
+    correlates with the mean z-scored measured expression of its genes."""
+    import yaml
+
+    from histosr.cli import main
+
+    (tmp_path / "her2st.gmt").write_text(HER2ST_GMT)
+    cfg = {"section": {"reader": "her2st", "path": str(data_dir / "her2st"), "name": "C2"},
+           "method": {"name": "knn"}, "genes": {"n_top": 100},
+           "predict": {"previews": ["ERBB2"]},
+           "analysis": {"gene_sets": str(tmp_path / "her2st.gmt")},
+           "out": str(tmp_path / "run")}
+    (tmp_path / "c2.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["--quiet", "run", str(tmp_path / "c2.yaml")]) == 0
+    rep = json.loads((tmp_path / "run" / "report.json").read_text())
+    pcc = {k[len("pathway_spot_pcc["):-1]: v for k, v in rep["metrics"].items()
+           if k.startswith("pathway_spot_pcc[")}
+    with capsys.disabled():
+        print("\nC2 spot-level PCC, programme map vs measured genes:",
+              {k: round(v, 3) for k, v in pcc.items()})
+    assert set(pcc) == {"ERBB2_amplicon", "plasma_B", "fibroblast_ECM"}
+    assert min(pcc.values()) > 0.5
+    assert {f"previews/pathway_{k}.png" for k in pcc} <= set(rep["images"])

@@ -466,6 +466,10 @@ def enrich(adata, gene_sets, groupby: str | None = "domain", svg: bool = True,
         for grp in sorted(adata.obs[groupby].astype(str).unique(), key=lambda s: (len(s), s)):
             queries[f"{groupby} {grp}"] = mk.loc[mk["group"] == grp, "gene"].tolist()
     if svg:
+        if "spatially_variable" not in adata.var and "spatial" not in adata.obsm and not (
+                "row" in adata.obs and "col" in adata.obs):
+            raise ValueError("spatially variable genes need obs row/col (superpixels) or "
+                             "obsm['spatial'] (spots); pass svg=False to test domains only")
         if "spatially_variable" not in adata.var:
             from .tl import spatially_variable_genes
 

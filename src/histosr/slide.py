@@ -263,17 +263,43 @@ def _box(a: np.ndarray, f: int) -> np.ndarray:
     return np.clip(np.rint(b), 0, 255).astype(np.uint8)
 
 
-def _tiles(arr, tile: int):
-    """Tiles of an (H, W, 3) array-like in row-major order, white-padded at the edges."""
-    H, W = arr.shape[:2]
-    for y in range(0, H, tile):
-        for x in range(0, W, tile):
-            t = np.asarray(arr[y:y + tile, x:x + tile])
-            if t.shape[:2] != (tile, tile):
-                pad = np.full((tile, tile, 3), 255, np.uint8)
-                pad[:t.shape[0], :t.shape[1]] = t
-                t = pad
-            yield t
+class _LevelFile:
+    """A temporary raw (H, W, 3) uint8 file, mapped band by band: only the band being
+    written or read is mapped, so the writer's resident memory stays bounded."""
+
+    def __init__(self, path: Path, h: int, w: int):
+        self.path, self.shape = path, (int(h), int(w), 3)
+        with open(path, "wb") as f:
+            f.truncate(self.shape[0] * self.shape[1] * 3)
+
+    def band(self, y0: int, y1: int) -> np.ndarray:
+        h, w, _ = self.shape
+        y0, y1 = max(0, y0), min(h, y1)
+        if y1 <= y0:
+            return np.zeros((0, w, 3), np.uint8)
+        return np.memmap(self.path, dtype=np.uint8, mode="r+", offset=y0 * w * 3,
+                         shape=(y1 - y0, w, 3))
+
+    def tiles(self, tile: int):
+        """Tiles in row-major order, white-padded at the edges."""
+        h, w, _ = self.shape
+        for y in range(0, h, tile):
+            band = self.band(y, y + tile)
+            for x in range(0, w, tile):
+                t = np.asarray(band[:, x:x + tile])
+                if t.shape[:2] != (tile, tile):
+                    pad = np.full((tile, tile, 3), 255, np.uint8)
+                    pad[:t.shape[0], :t.shape[1]] = t
+                    t = pad
+                yield t
+            del band
+
+    def strided(self, f: int) -> np.ndarray:
+        """Every f-th row and column (a small preview), read band by band."""
+        h = self.shape[0]
+        step = f * max(1, 2048 // f)
+        return np.concatenate([np.array(self.band(y, y + step)[::f, ::f])
+                               for y in range(0, h, step)], axis=0)
 
 
 def write_pyramidal_tiff(source, path: str | os.PathLike, um_per_px: float | None = None,
@@ -282,8 +308,8 @@ def write_pyramidal_tiff(source, path: str | os.PathLike, um_per_px: float | Non
                          tmp_dir: str | os.PathLike | None = None,
                          progress: bool = False) -> Path:
     """Write any :class:`~histosr.image.ImageSource` (or array) as a tiled pyramidal TIFF,
-    tile by tile: the full-resolution image is never in memory (each level below it is
-    accumulated in a temporary memory-mapped file, 1/16 of the base for x4).
+    tile by tile: neither the full-resolution image nor a level below it is ever in memory
+    (each reduced level is accumulated in a temporary file, mapped one band at a time).
 
     ``kind="svs"``: Aperio-style (baseline, thumbnail, reduced levels; ``MPP = um_per_px`` in
     the description when given). ``kind="ome"``: OME-TIFF with the levels as SubIFDs and
@@ -314,36 +340,34 @@ def write_pyramidal_tiff(source, path: str | os.PathLike, um_per_px: float | Non
     if compression == "jpeg":
         common["compressionargs"] = {"level": int(quality)}
     with tempfile.TemporaryDirectory(dir=tmp_dir) as td:
-        bufs = []
-        for k in range(1, len(ds)):
-            shp = (H // ds[k], W // ds[k], 3)
-            bufs.append(np.lib.format.open_memmap(Path(td) / f"level{k}.npy", mode="w+",
-                                                  dtype=np.uint8, shape=shp))
+        levels = [_LevelFile(Path(td) / f"level{k}.raw", H // ds[k], W // ds[k])
+                  for k in range(1, len(ds))]
 
         def level0():
             n = (-(-H // tile)) * (-(-W // tile))
             bar = tqdm(total=n, desc="slide level 0", disable=not progress)
+            f = ds[1] if levels else 1
             for y in range(0, H, tile):
+                band = levels[0].band(y // f, (y + tile) // f) if levels else None
                 for x in range(0, W, tile):
                     t = src.read(y, x, tile, tile)
-                    if bufs:
-                        f = ds[1]
+                    if band is not None and len(band):
                         b = _box(t, f)
-                        h1, w1 = bufs[0].shape[:2]
-                        y1, x1 = y // f, x // f
-                        hh, ww = min(b.shape[0], h1 - y1), min(b.shape[1], w1 - x1)
-                        if hh > 0 and ww > 0:
-                            bufs[0][y1:y1 + hh, x1:x1 + ww] = b[:hh, :ww]
+                        x1 = x // f
+                        ww = min(b.shape[1], band.shape[1] - x1)
+                        if ww > 0:
+                            band[:, x1:x1 + ww] = b[:len(band), :ww]
                     bar.update(1)
                     yield t
+                del band
             bar.close()
 
-        mag = 20.0 * 0.5 / um_per_px if um_per_px else None
         with tifffile.TiffWriter(tmp, bigtiff=True, ome=(kind == "ome")) as tw:
             if kind == "svs":
                 desc = (f"Aperio Image Library v12.0.15 \n{W}x{H} [0,0 {W}x{H}] ({tile}x{tile}) "
                         f"{(compression or 'raw').upper()}/RGB Q={quality}")
                 if um_per_px:
+                    mag = 20.0 * 0.5 / float(um_per_px)
                     desc += f"|AppMag = {mag:g}|MPP = {float(um_per_px):.6f}"
                 tw.write(level0(), shape=(H, W, 3), description=desc, **common)
             else:
@@ -353,31 +377,32 @@ def write_pyramidal_tiff(source, path: str | os.PathLike, um_per_px: float | Non
                                  "PhysicalSizeY": float(um_per_px), "PhysicalSizeYUnit": "µm"})
                 tw.write(level0(), shape=(H, W, 3), subifds=len(ds) - 1,
                          **{**common, "metadata": meta})
-            for k in range(2, len(ds)):  # level k from level k-1 in bands of rows
+            for k in range(2, len(ds)):  # level k from level k-1, band by band
                 f = ds[k] // ds[k - 1]
-                prev, cur = bufs[k - 2], bufs[k - 1]
-                band = max(f, (4096 // f) * f)
-                for y in range(0, cur.shape[0] * f, band):
-                    b = _box(np.asarray(prev[y:y + band]), f)
-                    cur[y // f:y // f + b.shape[0]] = b[:, :cur.shape[1]]
-            if kind == "svs" and bufs:
+                prev, cur = levels[k - 2], levels[k - 1]
+                step = f * max(1, 2048 // f)
+                for y in range(0, cur.shape[0] * f, step):
+                    b = _box(np.asarray(prev.band(y, y + step)), f)
+                    out = cur.band(y // f, y // f + len(b))
+                    out[:] = b[:len(out), :cur.shape[1]]
+                    del out
+            if kind == "svs" and levels:
                 from PIL import Image
 
-                low = bufs[-1]
-                s = 1024 / max(low.shape[:2])
-                th = Image.fromarray(np.asarray(low)).resize(
-                    (max(1, int(low.shape[1] * s)), max(1, int(low.shape[0] * s))), Image.BOX)
-                th = np.asarray(th)
+                low = levels[-1]
+                th = low.strided(max(1, int(np.ceil(max(low.shape[:2]) / 2048))))
+                s = 1024 / max(th.shape[:2])
+                th = np.asarray(Image.fromarray(th).resize(
+                    (max(1, int(th.shape[1] * s)), max(1, int(th.shape[0] * s))), Image.BOX))
                 tw.write(th, photometric="rgb", metadata=None,
                          description=f"Aperio Image Library v12.0.15 \n{W}x{H} -> "
                                      f"{th.shape[1]}x{th.shape[0]} - |")
-            for buf in bufs:
-                h, w = buf.shape[:2]
+            for lvl in levels:
+                h, w = lvl.shape[:2]
                 extra = ({"description": f"Aperio Image Library v12.0.15 \n{W}x{H} -> {w}x{h} - "
                                          f"({tile}x{tile})"} if kind == "svs"
                          else {"subfiletype": 1})
-                tw.write(_tiles(buf, tile), shape=(h, w, 3), **common, **extra)
-        bufs.clear()  # release the memory maps before their folder goes
+                tw.write(lvl.tiles(tile), shape=(h, w, 3), **common, **extra)
     os.replace(tmp, path)
     return path
 
