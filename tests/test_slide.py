@@ -189,3 +189,16 @@ def test_predict_on_a_slide_without_um_per_px(tmp_path):
     assert len(common) >= 0.9 * max(ps.n_obs, pp.n_obs)
     r = np.corrcoef(ps[common, gene].X.ravel(), pp[common, gene].X.ravel())[0, 1]
     assert r > 0.95
+
+
+def test_pyramidal_tiff_without_slide_library_reads_level_0(ome, svs, base, monkeypatch):
+    def missing(self, name):
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(SlideImage, "_open_with", missing)
+    with pytest.warns(UserWarning, match=r"read as a plain TIFF.*histosr\[slides\]"):
+        im = open_image(ome)
+    assert isinstance(im, FileImage)
+    np.testing.assert_array_equal(im.read(10, 20, 30, 40), base[10:40, 20:60])
+    with pytest.raises(ValueError, match=r"pip install 'histosr\[slides\]'"):
+        open_image(svs)  # a .svs is a slide or nothing

@@ -158,8 +158,11 @@ def _predict_image(args) -> int:
                          "--um-per-px X unless the slide's metadata has it) for an H&E-only "
                          "prediction")
     from .image import open_image
-    from .slide import slide_um_per_px
+    from .slide import is_slide, slide_um_per_px
 
+    if args.um_per_px is None and not is_slide(args.image):
+        raise ValueError(f"--image {args.image} needs --um-per-px X (microns per pixel); only "
+                         "whole-slide files (.svs, .ndpi, .mrxs, OME-TIFF) carry it in metadata")
     image = open_image(args.image)  # whole slides (.svs, .ndpi, OME-TIFF...) read lazily
     um_per_px = slide_um_per_px(image, args.um_per_px)  # before loading the model
     method = Method.load(args.model)

@@ -240,8 +240,19 @@ def open_image(path_or_array) -> ImageSource:
     p = Path(path_or_array)
     if p.is_dir() and p.suffix.lower() != ".mrxs":
         return ZarrImage(p)
-    from .slide import SlideImage, is_slide
+    from .slide import SLIDE_SUFFIXES, SlideImage, is_slide
 
     if is_slide(p):
-        return SlideImage(p)
+        try:
+            return SlideImage(p)
+        except ValueError:
+            if p.name.lower().endswith(SLIDE_SUFFIXES):
+                raise
+            # a pyramidal TIFF that no slide library opens (or none installed): level 0
+            # through tifffile, as before slides were supported
+            import warnings
+
+            warnings.warn(f"{p.name}: read as a plain TIFF (level 0 only, no pixel size "
+                          "from metadata): pip install 'histosr[slides]' for pyramid levels",
+                          stacklevel=2)
     return FileImage(p)
