@@ -265,9 +265,8 @@ def test_her2st_c2_pathway_maps_follow_the_measured_spots(tmp_path, data_dir, ca
 
     (tmp_path / "her2st.gmt").write_text(HER2ST_GMT)
     cfg = {"section": {"reader": "her2st", "path": str(data_dir / "her2st"), "name": "C2"},
-           "method": {"name": "knn"}, "genes": {"n_top": 100},
-           "predict": {"previews": ["ERBB2"]},
-           "analysis": {"gene_sets": str(tmp_path / "her2st.gmt")},
+           "method": {"name": "knn"}, "genes": {"n_top": 100}, "predict": {"n_previews": 0},
+           "analysis": {"gene_sets": str(tmp_path / "her2st.gmt"), "enrich": False},
            "out": str(tmp_path / "run")}
     (tmp_path / "c2.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["--quiet", "run", str(tmp_path / "c2.yaml")]) == 0

@@ -168,7 +168,8 @@ def test_predict_on_a_slide_without_um_per_px(tmp_path):
     a, c = synthetic(0), synthetic(3)
     write_istar(a, tmp_path / "a")
     assert main(["--quiet", "fit", str(tmp_path / "a"), "--reader", "istar", "--method",
-                 "ridge", "--n-genes", "10", "--out", str(tmp_path / "fit")]) == 0
+                 "ridge", "--n-genes", "10", "--params", '{"scales": [1.0]}',
+                 "--out", str(tmp_path / "fit")]) == 0
     pixels = c.image.read(0, 0, *c.image.shape[:2])
     png = tmp_path / "c.png"
     Image.fromarray(pixels).save(png)
