@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "torch==2.13.0+cpu"
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[test,parquet,foundation,dask,spatialdata,interactions]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test,parquet,foundation,dask,spatialdata,interactions,pathways,slides]"
 	touch $(STAMP)
 
 demo: install

@@ -74,6 +74,16 @@ def _placeholders(work: Path) -> None:
     shutil.move(str(work / "xenium" / "outs"), str(work / "xenium_outs"))
     for f in (work / "xenium").iterdir():  # the H&E and its alignment beside the outs
         shutil.move(str(f), str(work / f.name))
+    from histosr.image import open_image
+    from histosr.slide import write_pyramidal_tiff
+
+    her2st = Path(work).parent / "shared" / "data" / "her2st" / "images" / "C4.jpg"
+    crop = open_image(her2st).read(1500, 1500, 4096, 4096)  # a 4096 px slide of tissue
+    write_pyramidal_tiff(crop, work / "slide.svs", um_per_px=0.74)
+    (work / "sets.gmt").write_text(
+        "ERBB2_amplicon\tHER2 amplicon\tERBB2\tGRB7\tPGAP3\tSTARD3\tPNMT\tMIEN1\tTCAP\n"
+        "plasma_B\tplasma cells\tIGKC\tIGHG1\tIGHG3\tIGHM\tJCHAIN\tMZB1\n"
+        "fibroblast_ECM\tstroma\tCOL1A1\tCOL1A2\tCOL3A1\tFN1\tDCN\tLUM\n")
 
 
 @pytest.fixture(scope="module")

@@ -237,10 +237,14 @@ def _warn_unfitted(method, wanted: list[str]) -> list[str]:
 def _predict_image(args, method) -> int:
     """H&E-only prediction: a section built from ``--image`` alone (tissue mask, then a hex
     spot lattice or the 8 um superpixels), predicted by a saved image-only model."""
+    from .image import open_image
     from .image_only import section_from_image
     from .outputs import write_h5ad
     from .pl import previews
+    from .slide import slide_um_per_px
 
+    image = open_image(args.image)  # whole slides (.svs, .ndpi, OME-TIFF...) read lazily
+    um_per_px = slide_um_per_px(image, args.um_per_px)
     if not method.tags()["image_only"]:
         raise InputError(f"model {method.name!r} needs measured spots of the section it "
                          "predicts; prediction from an image alone needs an image-only model "
@@ -248,12 +252,12 @@ def _predict_image(args, method) -> int:
                          "`histosr fit --method ridge ...`")
     grid = args.grid or "spots"
     diameter = args.spot_diameter_um or getattr(method, "train_diameter_um_", None) or 55.0
-    section = section_from_image(args.image, args.um_per_px, grid=grid,
+    section = section_from_image(image, um_per_px, grid=grid,
                                  spot_diameter_um=diameter, pitch_um=args.pitch_um or 100.0,
                                  name=Path(args.image).stem)
     pred = method.predict(section)
     info = dict(pred.uns["histosr"])
-    info.update({"image": str(args.image), "um_per_px": float(args.um_per_px), "grid": grid,
+    info.update({"image": str(args.image), "um_per_px": float(um_per_px), "grid": grid,
                  "spot_diameter_um": float(diameter)})
     if grid == "superpixels":  # drawn as an 8 um map by pl.gene_map
         pred.obs["row"] = section.counts.obs["row"].to_numpy()
@@ -276,9 +280,17 @@ def cmd_predict(args) -> int:
     from .outputs import write_h5ad, write_maps_from_anndata
     from .pl import previews
 
-    if args.section is None and not (args.image and args.um_per_px):
-        raise InputError("predict needs a SECTION (data folder), or --image SLIDE together "
-                         "with --um-per-px X (microns per pixel) for an H&E-only prediction")
+    if args.section is None:
+        from .slide import is_slide
+
+        if not args.image:
+            raise InputError("predict needs a SECTION (data folder), or --image SLIDE (with "
+                             "--um-per-px X unless the slide's metadata has it) for an H&E-only "
+                             "prediction")
+        if args.um_per_px is None and not is_slide(args.image):
+            raise InputError(f"--image {args.image} needs --um-per-px X (microns per pixel); "
+                             "only whole-slide files (.svs, .ndpi, .mrxs, OME-TIFF) carry it in "
+                             "their metadata")
     method = load_method(args.model, progress=not args.quiet)  # a bad folder fails first
     if args.section is None:
         return _predict_image(args, method)
@@ -352,6 +364,21 @@ def cmd_evaluate(args) -> int:
     if res.get("note"):
         warnings.warn(res["note"], stacklevel=2)
     print(json.dumps(res))
+    return 0
+
+
+def cmd_enrich(args) -> int:
+    """Pathway scores and over-representation of domain markers / spatially variable genes
+    of a finished run (histosr.pathways.enrich_run); the run folder is only read."""
+    from .pathways import enrich_run
+
+    res = enrich_run(args.run_dir, args.gene_sets, out=args.out, prediction=args.prediction,
+                     method=args.method, n_domains=args.n_domains, n_markers=args.n_markers,
+                     n_svg=args.n_svg, min_size=args.min_size)
+    for _, row in res["summary"].iterrows():
+        padj = "" if row["enriched_for"] == "none" else f" (padj {row['padj']:.2g}: {row['genes']})"
+        print(f"{row['query']}: {row['enriched_for']}{padj}")
+    print(f"enrichment: {res['out'] / 'enrichment.tsv'}  dot plot: {res['dotplot']}")
     return 0
 
 
@@ -606,6 +633,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, help="default: the run's seed")
     s.add_argument("--out", help="report folder (default RUN_DIR/interactions)")
     s.set_defaults(fn=cmd_interactions)
+
+    s = sub.add_parser("enrich", help="pathway scores + gene-set over-representation of "
+                       "a run's domain markers and spatially variable genes")
+    s.add_argument("run_dir", help="run folder with prediction.h5ad (histosr run / predict)")
+    s.add_argument("--gene-sets", required=True, metavar="FILE.gmt",
+                   help="gene sets, GMT (name<TAB>description<TAB>genes...)")
+    s.add_argument("--prediction", help="AnnData to use (default RUN_DIR/prediction.h5ad)")
+    s.add_argument("--method", default="ulm",
+                   choices=["ulm", "aucell", "zscore", "score_genes", "mean"])
+    s.add_argument("--n-domains", type=int, default=6, help="k-means domains (if none stored)")
+    s.add_argument("--n-markers", type=int, default=100, help="marker genes per domain")
+    s.add_argument("--n-svg", type=int, default=100, help="top spatially variable genes")
+    s.add_argument("--min-size", type=int, default=3, help="fewest measured genes per set")
+    s.add_argument("--out", help="output folder (default RUN_DIR/enrich)")
+    s.set_defaults(fn=cmd_enrich)
 
     s = sub.add_parser("doctor", help="check the install, devices, encoders and data")
     s.set_defaults(fn=cmd_doctor)

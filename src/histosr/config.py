@@ -8,7 +8,7 @@ A config is YAML (or a dict)::
     genes:    {n_top: 1000, min_frac: 0.1}          # or list: [...]; include: [...]
     predict:  {previews: [ERBB2, COL1A1], n_previews: 4}
     outputs:  {spatialdata: false}
-    analysis: {interactions: false}                 # ligand-receptor pairs, spots vs map
+    analysis: {interactions: false, gene_sets: null}  # ligand-receptor pairs; pathway maps
     seed: 0
     out: runs/C2
 
@@ -153,18 +153,42 @@ class OutputsConfig(_Strict):
 
 
 class AnalysisConfig(_Strict):
-    """Analyses of the prediction added to the run and its report: ``interactions``
-    (ligand-receptor co-localisation, measured spots vs the super-resolved map; ``true`` or
-    a mapping of options of :func:`histosr.interactions.compare_interactions`)."""
+    """Analyses of the prediction added to the run and its report:
+
+    * ``interactions``: ligand-receptor co-localisation, measured spots vs the super-resolved
+      map (``true`` or a mapping of options of
+      :func:`histosr.interactions.compare_interactions`);
+    * ``gene_sets`` (a GMT file, relative to the config, or ``{name: [genes]}``): pathway
+      maps scored with ``method`` (ulm, aucell, zscore, score_genes, mean) on sets with at
+      least ``min_size`` measured genes, and (``enrich``) over-representation of the markers
+      of ``n_domains`` domains (``n_markers`` each, ``marker_method``) and of the ``n_svg``
+      most spatially variable genes (:mod:`histosr.pathways`); the sets' genes are fitted.
+    """
 
     interactions: bool | dict[str, Any] = False
+    gene_sets: str | dict[str, list[str]] | None = None
+    method: str = "ulm"
+    min_size: int = Field(3, ge=1)
+    enrich: bool = True
+    n_domains: int = Field(6, ge=2)
+    n_markers: int = Field(100, ge=1)
+    n_svg: int = Field(100, ge=1)
+    marker_method: str = "t-test"
 
     @model_validator(mode="after")
-    def _interaction_options(self):
+    def _analysis_options(self):
         from .interactions import options
 
         options(self.interactions)  # names the unknown options before any work
+        self.pathways()  # checks the scoring method, reads the gene sets
         return self
+
+    def pathways(self):
+        """The gene-set analysis (:class:`histosr.pathways.PipelineAnalysis`; a no-op
+        without ``gene_sets``)."""
+        from .pathways import PipelineAnalysis
+
+        return PipelineAnalysis(self.model_dump(exclude={"interactions"}))
 
 
 class RunConfig(_Strict):
@@ -224,8 +248,8 @@ def validate(cfg: dict) -> RunConfig:
 
 
 def load(path: str | Path) -> dict:
-    """Read a YAML config; a relative ``section.path`` is taken relative to the config file
-    (falling back to the current folder)."""
+    """Read a YAML config; a relative ``section.path`` or ``analysis.gene_sets`` is taken
+    relative to the config file (falling back to the current folder)."""
     import yaml
 
     path = Path(path)
@@ -238,10 +262,12 @@ def load(path: str | Path) -> dict:
         raise ConfigError(f"{path} is not valid YAML: {e}".splitlines()[0]) from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: expected a YAML mapping at the top level")
-    sec = cfg.get("section")
-    if isinstance(sec, dict) and "path" in sec and not Path(str(sec["path"])).is_absolute():
-        cand = (path.parent / str(sec["path"])).resolve()
-        sec["path"] = str(cand if cand.exists() else Path(str(sec["path"])).resolve())
+    for block, key in (("section", "path"), ("analysis", "gene_sets")):
+        sec = cfg.get(block)
+        if isinstance(sec, dict) and isinstance(sec.get(key), str) and \
+                not Path(sec[key]).is_absolute():
+            cand = (path.parent / sec[key]).resolve()
+            sec[key] = str(cand if cand.exists() else Path(sec[key]).resolve())
     return cfg
 
 

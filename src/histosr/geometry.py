@@ -89,18 +89,25 @@ def grid_for(section) -> Grid:
 def read_calibrated(image, um_per_px: float, y0: int, x0: int, h: int, w: int) -> np.ndarray:
     """Region of the image rescaled to 0.5 um/px: ``h`` x ``w`` calibrated px at calibrated
     (row y0, column x0). Bilinear with anti-aliasing (PIL), white outside the image; reads
-    only the full-resolution pixels it needs, so whole slides stream tile by tile."""
+    only the pixels it needs, so whole slides stream tile by tile. On a pyramid (slides) it
+    reads the coarsest level that is still at least 0.5 um/px fine."""
     from PIL import Image
 
     scale = um_per_px / TARGET_UM_PER_PX
     if abs(scale - 1.0) < 1e-9:
         return image.read(y0, x0, h, w)
+    level = image.best_level(1.0 / scale) if scale < 1.0 else 0
+    if level:
+        ds = image.level_downsamples[level]
+        scale = scale * ds  # calibrated px per px of that level
+        if abs(scale - 1.0) < 1e-9:
+            return image.read_level(level, y0, x0, h, w)
     fy0, fx0 = y0 / scale, x0 / scale
     fy1, fx1 = (y0 + h) / scale, (x0 + w) / scale
     margin = int(np.ceil(2.0 / min(scale, 1.0))) + 1
     ry0, rx0 = int(np.floor(fy0)) - margin, int(np.floor(fx0)) - margin
     ry1, rx1 = int(np.ceil(fy1)) + margin, int(np.ceil(fx1)) + margin
-    raw = image.read(ry0, rx0, ry1 - ry0, rx1 - rx0)
+    raw = image.read_level(level, ry0, rx0, ry1 - ry0, rx1 - rx0)
     box = (fx0 - rx0, fy0 - ry0, fx1 - rx0, fy1 - ry0)
     im = Image.fromarray(raw).resize((w, h), Image.BILINEAR, box=box)
     return np.asarray(im)

@@ -3,6 +3,13 @@
 An :class:`ImageSource` exposes ``shape`` (H, W, 3) and ``read(y0, x0, h, w)`` returning an
 RGB uint8 array of that region (rows y0..y0+h, columns x0..x0+w), padded with white where
 the region leaves the image.
+
+Pyramids: every source has ``level_downsamples`` (level 0 = full resolution, 1.0) and
+``read_level(level, y0, x0, h, w)`` in that level's px; plain images have one level.
+:meth:`ImageSource.best_level` picks the coarsest level that is still at least as fine as a
+requested downsample, so readers at a coarser working resolution (0.5 um/px features,
+tissue detection on the 8 um grid, thumbnails) read few pixels. Whole-slide files (.svs,
+.ndpi, .mrxs, pyramidal and OME-TIFF) open as :class:`histosr.slide.SlideImage`.
 """
 
 from __future__ import annotations
@@ -21,10 +28,49 @@ class ImageSource:
     """Base class; subclasses implement ``shape`` and ``_read`` (in-bounds region)."""
 
     path: str | None = None
+    #: microns per full-resolution px from the file's metadata (slides), else None
+    um_per_px: float | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # -- pyramid levels (one level unless a subclass has more) ------------------------------
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        """Downsample of each level relative to full resolution (level 0 = 1.0)."""
+        return (1.0,)
+
+    def level_shape(self, level: int) -> tuple[int, int]:
+        """(H, W) px of ``level``."""
+        if level != 0:
+            raise IndexError(f"level {level} out of range (this image has one level)")
+        return tuple(self.shape[:2])  # type: ignore[return-value]
+
+    def _read_level(self, level: int, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+        return self._read(y0, x0, y1, x1)
+
+    def best_level(self, downsample: float) -> int:
+        """The coarsest level whose downsample does not exceed ``downsample`` (so reading it
+        never upsamples, up to 1 %: slide levels are often x4.0003); 0 for ``downsample <=
+        1``."""
+        best = 0
+        for i, d in enumerate(self.level_downsamples):
+            if d <= float(downsample) * 1.01 and d >= self.level_downsamples[best]:
+                best = i
+        return best
+
+    def read_level(self, level: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        """Region of ``level`` (its own px: rows y0..y0+h, cols x0..x0+w), white-padded."""
+        if level == 0:
+            return self.read(y0, x0, h, w)
+        H, W = self.level_shape(level)
+        out = np.full((h, w, 3), WHITE, dtype=np.uint8)
+        ya, xa = max(y0, 0), max(x0, 0)
+        yb, xb = min(y0 + h, H), min(x0 + w, W)
+        if yb > ya and xb > xa:
+            out[ya - y0 : yb - y0, xa - x0 : xb - x0] = self._read_level(level, ya, xa, yb, xb)
+        return out
 
     def _read(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
@@ -40,11 +86,15 @@ class ImageSource:
         return out
 
     def thumbnail(self, max_side: int = 1024) -> np.ndarray:
-        """Downsampled RGB image (for previews), reading in strips to bound memory."""
+        """Downsampled RGB image (for previews), reading in strips to bound memory; from the
+        coarsest pyramid level that is fine enough when there are several."""
         from PIL import Image
 
         H, W = self.shape[:2]
         f = max(1, int(np.ceil(max(H, W) / max_side)))
+        level = self.best_level(f)
+        if level > 0:
+            return self._thumbnail_from_level(level, f)
         strip = 2048 // f * f or f
         rows = []
         for y in range(0, H, strip):
@@ -56,6 +106,18 @@ class ImageSource:
         if t.shape[:2] != (th, tw):
             t = np.asarray(Image.fromarray(t).resize((tw, th)))
         return t
+
+    def _thumbnail_from_level(self, level: int, f: int) -> np.ndarray:
+        from PIL import Image
+
+        H, W = self.shape[:2]
+        th, tw = int(np.ceil(H / f)), int(np.ceil(W / f))
+        lh, lw = self.level_shape(level)
+        rows = [self.read_level(level, y, 0, min(2048, lh - y), lw) for y in range(0, lh, 2048)]
+        a = np.concatenate(rows, axis=0)
+        if a.shape[:2] != (th, tw):
+            a = np.asarray(Image.fromarray(a).resize((tw, th), Image.BOX))
+        return a
 
 
 class ArrayImage(ImageSource):
@@ -178,12 +240,29 @@ class FileImage(ImageSource):
 
 
 def open_image(path_or_array) -> ImageSource:
-    """An :class:`ImageSource` for a path (file or zarr folder) or an array."""
+    """An :class:`ImageSource` for a path (file or zarr folder) or an array. Whole-slide
+    files (.svs, .ndpi, .mrxs, ..., OME-TIFF and other pyramidal TIFFs) open as
+    :class:`histosr.slide.SlideImage` (pyramid levels, microns per pixel from metadata)."""
     if isinstance(path_or_array, ImageSource):
         return path_or_array
     if isinstance(path_or_array, np.ndarray):
         return ArrayImage(path_or_array)
     p = Path(path_or_array)
-    if p.is_dir():
+    if p.is_dir() and p.suffix.lower() != ".mrxs":
         return ZarrImage(p)
+    from .slide import SLIDE_SUFFIXES, SlideImage, is_slide
+
+    if is_slide(p):
+        try:
+            return SlideImage(p)
+        except ValueError:
+            if p.name.lower().endswith(SLIDE_SUFFIXES):
+                raise
+            # a pyramidal TIFF that no slide library opens (or none installed): level 0
+            # through tifffile, as before slides were supported
+            import warnings
+
+            warnings.warn(f"{p.name}: read as a plain TIFF (level 0 only, no pixel size "
+                          "from metadata): pip install 'histosr[slides]' for pyramid levels",
+                          stacklevel=2)
     return FileImage(p)

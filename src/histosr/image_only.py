@@ -77,27 +77,30 @@ def hex_centres(width_px: int, height_px: int, um_per_px: float,
         [rr, cc], axis=1) if rr else np.zeros((0, 2), dtype=int)
 
 
-def section_from_image(image, um_per_px: float, grid: str = "spots",
+def section_from_image(image, um_per_px: float | None = None, grid: str = "spots",
                        spot_diameter_um: float = 55.0, pitch_um: float = 100.0,
                        name: str = "image", mask: np.ndarray | None = None):
     """A :class:`~histosr.section.Section` with no measurements from an image (path, array
-    or ImageSource) at ``um_per_px``: points on the tissue (see the module docstring).
-    ``mask``: a tissue mask on the 8 um superpixel grid (default: computed)."""
+    or ImageSource; whole slides read lazily) at ``um_per_px`` (default: the slide's
+    metadata): points on the tissue (see the module docstring). ``mask``: a tissue mask on
+    the 8 um superpixel grid (default: computed, on a low pyramid level for slides)."""
     import pandas as pd
 
     from .geometry import grid_for
     from .image import open_image
     from .section import Section, SectionError
+    from .slide import slide_um_per_px
     from .tissue import section_tissue_mask
 
     if grid not in GRIDS:
         raise InputError(f"grid must be one of {GRIDS}, got {grid!r}")
+    img = open_image(image)
+    um_per_px = slide_um_per_px(img, um_per_px)
     if not (0.1 <= float(um_per_px) <= 10.0):
         raise SectionError(f"pixel size {um_per_px!r} um/px is implausible: expected 0.1-10 "
                            "um/px (microns per pixel of the image)")
     if spot_diameter_um <= 0:
         raise InputError(f"spot_diameter_um must be > 0, got {spot_diameter_um}")
-    img = open_image(image)
     probe = Section(name=name, image=img, um_per_px=float(um_per_px),
                     counts=empty_counts([], np.zeros((0, 2))),
                     spot_diameter_um=float(spot_diameter_um), platform="image")

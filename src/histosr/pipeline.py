@@ -121,7 +121,9 @@ def run(cfg: dict | RunConfig, out: str | Path | None = None,
         section = read_section(rc.section.model_dump())
     rep.notes.append(repr(section))
     check_trainable(section)
-    genes = fit_genes_for(section, rc.genes, include=rc.predict.previews or [])
+    pathways = rc.analysis.pathways()  # gene sets read (and checked) before any heavy work
+    sets = list(pathways.gene_sets.genes) if pathways else []
+    genes = fit_genes_for(section, rc.genes, include=list(rc.predict.previews or []) + sets)
     train.init_distributed()  # under torchrun: rank 0 writes, all ranks train (DDP)
     fm = None
     if method.kind == SUPERPIXEL:
@@ -215,6 +217,7 @@ def _superpixel_outputs(rep, method, section, fm, rc: RunConfig, out: Path) -> N
         rep.images += previews(pred, show, out / "previews", section=section, spots=spots)
     from . import interactions
 
+    rc.analysis.pathways().run(pred, spots_pred, section, out, rep)  # pathway maps, ORA
     interactions.run_in_pipeline(rc.analysis.model_dump(), pred, spots_pred, section, out, rep)
 
 

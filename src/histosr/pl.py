@@ -19,12 +19,13 @@ def _plt():
 
 
 def gene_map(adata, gene: str, section=None, ax=None, cmap: str = "magma",
-             title: str | None = None, alpha: float = 0.85):
+             title: str | None = None, alpha: float = 0.85, log: bool = True):
     """Show one gene of a superpixel prediction (or of spots) over the section's H&E.
 
     Superpixel AnnData (``obs`` row/col) are drawn as an image on the 8 um grid; spot
     AnnData as dots at ``obsm["spatial"]``. Counts are log1p-transformed for display;
-    values already on a log1p scale (``uns["histosr"]["scale"]``) are shown as they are."""
+    values already on a log1p scale (``uns["histosr"]["scale"]``) are shown as they are;
+    ``log=False`` shows any values as stored (e.g. gene-set scores)."""
     plt = _plt()
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 5))
@@ -32,7 +33,7 @@ def gene_map(adata, gene: str, section=None, ax=None, cmap: str = "magma",
 
     scale = str(adata.uns.get("histosr", {}).get("scale", "counts"))
     v = gene_values(adata, gene)
-    if not scale.startswith("log1p"):
+    if log and not scale.startswith("log1p"):
         v = np.log1p(v)
     if section is not None:
         thumb = section.image.thumbnail(1024)
@@ -55,8 +56,9 @@ def gene_map(adata, gene: str, section=None, ax=None, cmap: str = "magma",
             ax.invert_yaxis()
     ax.set_title(title or gene)
     ax.set_axis_off()
-    plt.colorbar(im, ax=ax, fraction=0.046, pad=0.02,
-                 label="log1p CP10k" if scale.startswith("log1p") else "log1p counts")
+    label = ("log1p CP10k" if scale.startswith("log1p") else "log1p counts") if log \
+        else "score"
+    plt.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label=label)
     return ax
 
 
@@ -293,5 +295,35 @@ def interactions_top(tables: dict, n: int = 20, title: str | None = None):
         ax.axvline(0, color="k", lw=0.5)
     if title:
         fig.suptitle(title)
+
+
+# -- gene-set enrichment --------------------------------------------------------------------
+def enrichment(table, max_sets: int = 20, alpha: float = 0.05, title: str | None = None):
+    """Dot plot of an enrichment table (:func:`histosr.tl.enrich`): one row per query
+    (domain, spatially variable genes), one column per gene set (the ``max_sets`` with the
+    smallest adjusted p-value anywhere); dot area = overlap, colour = -log10 adjusted
+    p-value, black edge where ``padj <= alpha``. Returns the matplotlib Figure."""
+    plt = _plt()
+    best = table.groupby("set")["padj"].min().sort_values(kind="stable")
+    sets = list(best.index[:max_sets])
+    queries = list(dict.fromkeys(table["query"]))
+    t = table[table["set"].isin(sets)]
+    xi = {s: i for i, s in enumerate(sets)}
+    yi = {q: i for i, q in enumerate(queries)}
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(sets) + 2.0, 1.2 + 0.42 * len(queries)))
+    x = t["set"].map(xi).to_numpy()
+    y = t["query"].map(yi).to_numpy()
+    score = -np.log10(np.clip(t["padj"].to_numpy(dtype=float), 1e-300, 1.0))
+    size = 30 + 40 * t["overlap"].to_numpy(dtype=float)
+    sig = t["padj"].to_numpy(dtype=float) <= alpha
+    sc = ax.scatter(x, y, s=size, c=score, cmap="viridis", vmin=0,
+                    edgecolors=np.where(sig, "black", "none"), linewidths=1.0)
+    ax.set_xticks(range(len(sets)), sets, rotation=45, ha="right")
+    ax.set_yticks(range(len(queries)), queries)
+    ax.set_xlim(-0.6, len(sets) - 0.4)
+    ax.set_ylim(len(queries) - 0.5, -0.5)
+    plt.colorbar(sc, ax=ax, label="-log10 adjusted p", fraction=0.05, pad=0.02)
+    ax.set_title(title or f"over-representation (dot area = overlap; edge: padj <= {alpha})",
+                 fontsize=9)
     fig.tight_layout()
     return fig

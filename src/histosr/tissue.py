@@ -127,8 +127,9 @@ def mean_rgb_sp(image, um_per_px: float, band_sp: int = 64) -> np.ndarray:
 def superpixel_stats(image, um_per_px: float, band_sp: int = 64, grey: bool = True):
     """Per superpixel of the calibrated grid: float32 (H_sp, W_sp, 3) mean colour (0-255)
     and (``grey``) float32 (H_sp, W_sp) variance of the grey level inside it, by
-    area-averaging (PIL box filter) the full-resolution image and its square band by band:
-    cheap (no 0.5 um/px resampling) and bounded in memory."""
+    area-averaging (PIL box filter) the image and its square band by band: cheap (no
+    0.5 um/px resampling) and bounded in memory. On a pyramid (slides) it reads the coarsest
+    level with at least 2 px per superpixel: tissue is detected on a low level."""
     from PIL import Image
 
     from .geometry import Grid
@@ -137,6 +138,9 @@ def superpixel_stats(image, um_per_px: float, band_sp: int = 64, grey: bool = Tr
     grid = Grid(float(um_per_px), (int(h), int(w)))
     hs, ws = grid.shape
     px_per_sp = SP_PX / grid.scale  # full-resolution px per superpixel
+    level = image.best_level(px_per_sp / 2.0) if px_per_sp > 2.0 else 0
+    if level:
+        px_per_sp /= image.level_downsamples[level]  # px of that level per superpixel
     out = np.empty((hs, ws, 3), dtype=np.float32)
     var = np.empty((hs, ws), dtype=np.float32) if grey else None
     for r0 in range(0, hs, band_sp):
@@ -147,7 +151,7 @@ def superpixel_stats(image, um_per_px: float, band_sp: int = 64, grey: bool = Tr
             c1 = min(c0 + band_sp * 4, ws)
             fx0, fx1 = c0 * px_per_sp, c1 * px_per_sp
             x0, x1 = int(np.floor(fx0)), int(np.ceil(fx1))
-            raw = image.read(y0, x0, y1 - y0, x1 - x0)
+            raw = image.read_level(level, y0, x0, y1 - y0, x1 - x0)
             box = (fx0 - x0, fy0 - y0, fx1 - x0, fy1 - y0)
             im = Image.fromarray(raw).resize((c1 - c0, r1 - r0), Image.BOX, box=box)
             out[r0:r1, c0:c1] = np.asarray(im, dtype=np.float32)

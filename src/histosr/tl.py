@@ -520,7 +520,19 @@ def spatially_variable_genes(adata, n: int = 50, key_added: str = "moran_i",
 # ligand-receptor co-localisation lives in its own module (LIANA+ is imported lazily)
 from .interactions import compare_interactions, interactions  # noqa: E402
 
-__all__ = ["interactions", "compare_interactions", "domains", "marker_score", "morans_i",
-           "spatially_variable_genes", "representation", "log_expression",
-           "smooth_representation", "spatial_weights", "grid_weights", "knn_weights", "knn_graph",
-           "leiden_fallback"]
+# -- gene sets (histosr.pathways): scores per observation, over-representation ------------
+from .pathways import (  # noqa: E402
+    domain_markers,
+    enrich,
+    gene_set_report,
+    ora,
+    read_gene_sets,
+    score_gene_sets,
+    score_maps,
+)
+
+__all__ = ["interactions", "compare_interactions", "score_gene_sets", "enrich", "ora",
+           "domain_markers", "read_gene_sets", "gene_set_report", "score_maps", "domains",
+           "marker_score", "morans_i", "spatially_variable_genes", "representation",
+           "log_expression", "smooth_representation", "spatial_weights", "grid_weights",
+           "knn_weights", "knn_graph", "leiden_fallback"]

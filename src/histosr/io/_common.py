@@ -176,7 +176,8 @@ def open_image_checked(path: PathLike, what: str = "H&E image") -> ImageSource:
     except FileNotFoundError as e:
         raise MissingFileError(f"{what} not found: {e}") from e
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
-        raise SectionError(f"could not open {what} {p}: {e}. Expected a JPEG, PNG or TIFF.") from e
+        raise SectionError(f"could not open {what} {p}: {e}. Expected a JPEG, PNG, TIFF or "
+                           "whole-slide file (.svs, .ndpi, .mrxs, OME-TIFF).") from e
 
 
 class UpsampledImage(ImageSource):
