@@ -227,13 +227,11 @@ def test_her2st_a1_domains_are_enriched_for_known_programmes(tmp_path, data_dir,
     """A1 (346 spots, pathologist labels): k-means domains of the measured spots (2000 most
     variable genes), then ORA of each domain's 100 markers against three programmes, with
     every detected gene as the universe."""
-    from histosr.metrics import select_genes
-
     (tmp_path / "her2st.gmt").write_text(HER2ST_GMT)
     s = hs.read_her2st(data_dir / "her2st", "A1")
     a = s.counts.copy()
     a.uns["histosr"] = {"um_per_px": s.um_per_px}
-    hv = select_genes(s.dense_counts(), s.genes, 2000, min_frac=0.1)
+    hv = hs.pp.select_genes(s, 2000, min_frac=0.1)
     b = hs.tl.domains(a[:, list(hv)].copy(), n_domains=6)
     a.obs["domain"] = b.obs["domain"].to_numpy()
     t = hs.tl.enrich(a, tmp_path / "her2st.gmt", n_markers=100, n_svg=100)
