@@ -39,7 +39,7 @@ def measure(method: str, section: str, epochs: int, data, cache_dir, device: str
     import torch
 
     from histosr import features, train
-    from histosr.benchmark.p2 import read_section
+    from histosr.benchmark.common import read_section
     from histosr.geometry import pool_spots
     from histosr.methods.base import get_method, method_class
     from histosr.pp import select_genes

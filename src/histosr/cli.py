@@ -507,6 +507,14 @@ def _encoder_args(p) -> None:
                    help="other encoder parameter, repeatable (e.g. batch_size=32)")
 
 
+def _model_verb_args(p) -> None:
+    """What `fit` and `predict` share: the section, the encoder, a feature map, the output."""
+    _section_args(p)
+    _encoder_args(p)
+    p.add_argument("--features", help="feature map zarr (default: compute and cache)")
+    p.add_argument("--out", required=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="histosr", description=__doc__.split("\n\n")[0])
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -534,10 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_features)
 
     s = sub.add_parser("fit", help="fit a method on one or more sections")
-    _section_args(s)
-    _encoder_args(s)
-    s.add_argument("--features", help="feature map zarr (default: compute and cache)")
-    s.add_argument("--out", required=True)
+    _model_verb_args(s)
     s.add_argument("--method", default="istar")
     _set_arg(s, "method hyper-parameter (e.g. epochs=100)")
     s.add_argument("--params", help='JSON hyper-parameters (alias of --set), e.g. '
@@ -553,10 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_fit)
 
     s = sub.add_parser("predict", help="predict with a fitted model")
-    _section_args(s)
-    _encoder_args(s)
-    s.add_argument("--features", help="feature map zarr (default: compute and cache)")
-    s.add_argument("--out", required=True)
+    _model_verb_args(s)
     s.add_argument("--model", required=True, help="model folder written by `histosr fit`")
     s.add_argument("--at", choices=["superpixels", "spots"],
                    help="where to predict (default: the method's natural target)")

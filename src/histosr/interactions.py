@@ -600,13 +600,9 @@ def _write_tsv(df: pd.DataFrame, path: Path) -> Path:
 
 
 def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+    from .pl import save_figure
 
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def _brief(t: pd.DataFrame, name: str) -> str:

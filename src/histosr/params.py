@@ -88,6 +88,24 @@ class Pattern:
         return self.text
 
 
+@dataclass(frozen=True)
+class MultipleOf:
+    """An int that is a positive multiple of another parameter (``MultipleOf("heads")``:
+    attention widths split evenly over heads)."""
+
+    other: str
+    kind: type = int
+
+    def check(self, v, others: dict | None = None) -> str | None:
+        m = (others or {}).get(self.other)
+        if not isinstance(v, int) or v < 1:
+            return self.describe(m)
+        return None if not m or v % m == 0 else self.describe(m)
+
+    def describe(self, m=None) -> str:
+        return f"a multiple of {self.other!r}" + (f" ({m})" if m else "")
+
+
 #: the device parameter of every learned method and encoder
 DEVICE = Pattern(r"auto|cpu|cuda(:\d+)?", "'auto', 'cpu', 'cuda' or 'cuda:<index>'")
 
@@ -197,9 +215,17 @@ def validate_fields(obj, constraints: dict | None = None, owner: str | None = No
     for f in dataclasses.fields(obj):
         if not f.init:
             continue
+        c = cons.get(f.name)
         v = check_value(owner, f.name, hints.get(f.name, Any), getattr(obj, f.name),
-                        cons.get(f.name))
+                        None if isinstance(c, MultipleOf) else c)
         object.__setattr__(obj, f.name, v)
+    for name, c in cons.items():  # rules that relate two parameters, once both are checked
+        if isinstance(c, MultipleOf):
+            v = getattr(obj, name)
+            msg = c.check(v, {c.other: getattr(obj, c.other)})
+            if msg:
+                raise ParameterError(f"the {name!r} parameter of {owner} must be {msg}, "
+                                     f"got {v!r}")
 
 
 def validate_kwargs(owner: str, kwargs: dict, spec: dict) -> dict:
@@ -209,5 +235,5 @@ def validate_kwargs(owner: str, kwargs: dict, spec: dict) -> dict:
     return {k: check_value(owner, k, spec[k][0], v, spec[k][1]) for k, v in kwargs.items()}
 
 
-__all__ = ["ParameterError", "Interval", "Options", "Pattern", "DEVICE", "check_value", "check_names", "suggest",
+__all__ = ["ParameterError", "Interval", "Options", "Pattern", "MultipleOf", "DEVICE", "check_value", "check_names", "suggest",
            "validate_fields", "validate_kwargs"]

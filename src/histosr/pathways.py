@@ -339,7 +339,7 @@ def map_previews(scores: str | Path, out_dir: str | Path, max_side: int = 1024) 
     whole map)."""
     import zarr
 
-    from .pl import _plt, _safe
+    from .pl import _plt, save_figure
 
     plt = _plt()
     root = zarr.open_group(str(scores), mode="r")
@@ -357,10 +357,7 @@ def map_previews(scores: str | Path, out_dir: str | Path, max_side: int = 1024) 
         ax.set_title(f"{name} ({info['method']})")
         ax.set_axis_off()
         plt.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="score")
-        p = out_dir / f"pathway_{_safe(name)}.png"
-        fig.savefig(p, dpi=90)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(save_figure(fig, out_dir / f"pathway_{name}.png"))
     return paths
 
 
@@ -635,7 +632,7 @@ def pathway_previews(scores, ref: pd.DataFrame | None, section, out_dir: str | P
     """One PNG per set: the measured spots' score (when ``ref`` has it) next to the map."""
     import anndata as ad
 
-    from .pl import _plt, _safe, gene_map
+    from .pl import _plt, gene_map, save_figure
 
     plt = _plt()
     out_dir = Path(out_dir)
@@ -654,10 +651,7 @@ def pathway_previews(scores, ref: pd.DataFrame | None, section, out_dir: str | P
         gene_map(scores, name, section=section, ax=axes[-1], log=False,
                  title=f"{name}: map ({scores.uns['histosr'].get('scale', 'score')})")
         fig.tight_layout()
-        p = out_dir / f"{prefix}{_safe(name)}.png"
-        fig.savefig(p, dpi=90)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(save_figure(fig, out_dir / f"{prefix}{name}.png"))
     return paths
 
 

@@ -88,15 +88,28 @@ def previews(adata, genes: list[str], out_dir: str | Path, section=None,
             gene_map(spots, g, section=section, ax=axes[0], title=f"{g} measured spots")
         gene_map(adata, g, section=section, ax=axes[-1], title=f"{g} predicted")
         fig.tight_layout()
-        p = out_dir / f"{prefix}{_safe(g)}.png"
-        fig.savefig(p, dpi=90)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(save_figure(fig, out_dir / f"{prefix}{g}.png"))
     return paths
 
 
 def _safe(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def save_figure(fig, path: str | Path, dpi: int = 90, **kwargs) -> Path:
+    """Write a figure as PNG atomically (temp file + rename; the file name made safe) and
+    close it."""
+    import os
+
+    plt = _plt()
+    path = Path(path)
+    path = path.with_name(_safe(path.stem) + (path.suffix or ".png"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=dpi, **kwargs)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
 
 # -- tissue domains -------------------------------------------------------------------------

@@ -130,6 +130,49 @@ def gene_scores(pred: np.ndarray, truth: np.ndarray, n_top: int = 50) -> dict:
     }
 
 
+def read_section(data, name: str):
+    """A native her2st section from ``data`` (the folder holding ``her2st/``, or
+    ``her2st/`` itself; default :func:`histosr.datasets.data_dir`)."""
+    from ..datasets import data_dir
+    from ..io import read_her2st
+
+    root = Path(data) if data is not None else data_dir()
+    if root is None:
+        raise FileNotFoundError(
+            "her2st data not found: pass --data DIR (the folder holding her2st/) or set "
+            "HISTOSR_DATA"
+        )
+    if (root / "her2st").is_dir():
+        root = root / "her2st"
+    return read_her2st(root, name)
+
+
+def protocol_cache(cache_dir, out):
+    """Where a protocol caches features: ``cache_dir``, else the run cache of ``out``
+    (``$HISTOSR_CACHE_DIR`` when set), else none."""
+    if cache_dir is None and out is not None:
+        from ..features.cache import cache_dir_for
+
+        return cache_dir_for(out)
+    return cache_dir
+
+
+def score_her2st(protocol: str, sections, data, score_section, *, what: str = "spots",
+                 **kwargs) -> dict:
+    """:func:`score_sections` over her2st sections (names, default C2..C6, or Sections):
+    each is read, logged and scored by ``score_section(section) -> scores``."""
+    from ..datasets import HER2ST_SECTIONS
+
+    progress = kwargs.get("progress", True)
+
+    def score_one(s):
+        native = read_section(data, s) if isinstance(s, str) else s
+        log(progress, f"{native.name}: {native.n_spots} {what}")
+        return native.name, score_section(native)
+
+    return score_sections(protocol, list(sections or HER2ST_SECTIONS), score_one, **kwargs)
+
+
 def score_sections(protocol: str, sections, score_one, *, method_name: str, encoder: str,
                    params: dict, timer: Timer, out=None, progress: bool = True,
                    skip_log=("seconds",)) -> dict:

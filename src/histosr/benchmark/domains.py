@@ -34,8 +34,15 @@ import numpy as np
 
 from ..errors import InputError
 from ..pp import select_genes
-from .common import Timer, log, method_factory, score_sections, section_features
-from .p2 import read_section
+from .common import (
+    Timer,
+    log,
+    method_factory,
+    protocol_cache,
+    read_section,
+    score_sections,
+    section_features,
+)
 
 PROTOCOL = "domains"
 EXCLUDED_LABELS = ("undetermined",)
@@ -203,10 +210,7 @@ def domains(method="istar", sections=None, encoder: str = "handcrafted", data=No
                                          progress=progress, consistency=consistency)
     params = {**params, "seed": int(seed), "n_genes": int(n_genes), "clustering": CLUSTERING,
               "scoring": SCORING}
-    if cache_dir is None and out is not None:
-        from ..features.cache import cache_dir_for
-
-        cache_dir = cache_dir_for(out)
+    cache_dir = protocol_cache(cache_dir, out)
     if cache_dir is not None:
         params["checkpoints"] = "cache_dir/ckpt-<section> (finished states are reused)"
     def score_one(s):

@@ -37,10 +37,10 @@ from .common import (
     gene_scores,
     log,
     method_factory,
-    score_sections,
+    protocol_cache,
+    score_her2st,
     section_features,
 )
-from .p2 import read_section
 
 PROTOCOL = "p1"
 SPLIT_SEED = 0
@@ -140,7 +140,6 @@ def p1(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
     the results dict; with ``out`` also write ``out/results.json`` after every section.
     ``consistency`` applies to super-resolution methods only (spot methods predict whole
     spots: recorded as False for them)."""
-    from ..datasets import HER2ST_SECTIONS
     from ..methods.base import method_class
 
     if library not in ("predicted", "measured"):
@@ -157,19 +156,12 @@ def p1(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
             "counts over the held-out spot's disk; library = "
             + ("sum of predicted scored-gene counts / scored-gene share of the training spots"
                if library == "predicted" else "measured held-out library (all genes)"))}}
-    if cache_dir is None and out is not None:
-        from ..features.cache import cache_dir_for
-
-        cache_dir = cache_dir_for(out)
-    sections = list(sections or HER2ST_SECTIONS)
-
-    def score_one(s):
-        native = read_section(data, s) if isinstance(s, str) else s
-        log(progress, f"{native.name}: {native.n_spots} spots")
-        return native.name, run_section(native, make, encoder, cache_dir, progress, library)
-
-    return score_sections(PROTOCOL, sections, score_one, method_name=mname, encoder=encoder,
-                          params=params, timer=t, out=out, progress=progress)
+    cache_dir = protocol_cache(cache_dir, out)
+    return score_her2st(PROTOCOL, sections, data,
+                        lambda native: run_section(native, make, encoder, cache_dir, progress,
+                                                   library),
+                        method_name=mname, encoder=encoder, params=params, timer=t, out=out,
+                        progress=progress)
 
 
 __all__ = ["p1", "split", "subset", "score_held_out", "run_section", "SCORING"]

@@ -38,7 +38,15 @@ from ..arrays import columns
 from ..errors import InputError
 from ..geometry import pool_spots
 from ..pp import select_genes
-from .common import Timer, gene_scores, log, method_factory, score_sections, section_features
+from .common import (
+    Timer,
+    gene_scores,
+    log,
+    method_factory,
+    protocol_cache,
+    score_her2st,
+    section_features,
+)
 
 PROTOCOL = "p2"
 SCORING = {
@@ -52,23 +60,6 @@ SCORING = {
 
 #: scores also reported for the prediction before the consistency step (``raw_*``)
 RAW_KEYS = ("top50_pcc", "hvg1000_pcc", "top50_within_pcc")
-
-
-def read_section(data: Path | None, name: str):
-    """A native her2st section from ``data`` (the folder holding ``her2st/``, or
-    ``her2st/`` itself; default :func:`histosr.datasets.data_dir`)."""
-    from ..datasets import data_dir
-    from ..io import read_her2st
-
-    root = Path(data) if data is not None else data_dir()
-    if root is None:
-        raise FileNotFoundError(
-            "her2st data not found: pass --data DIR (the folder holding her2st/) or set "
-            "HISTOSR_DATA"
-        )
-    if (root / "her2st").is_dir():
-        root = root / "her2st"
-    return read_her2st(root, name)
 
 
 def predicted_library(pred_counts: np.ndarray, pooled, block_of_native,
@@ -151,7 +142,6 @@ def p2(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
     """Run P2 on her2st ``sections`` (names, default C2..C6; or Section objects with obs
     ``array_row``/``array_col``) and return the results dict; with ``out``, also write
     ``out/results.json`` (after every section, atomically)."""
-    from ..datasets import HER2ST_SECTIONS
 
     t = Timer().__enter__()
     make, params, mname = method_factory(method, epochs=epochs, n_states=n_states, seed=seed,
@@ -162,15 +152,9 @@ def p2(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
         **SCORING, "prediction_library": library + (
             ": sum of predicted scored-gene counts / scored-gene share of its pseudo-spot"
             if library == "predicted" else ": measured native library (all genes)")}}
-    if cache_dir is None and out is not None:
-        from ..features.cache import cache_dir_for
-
-        cache_dir = cache_dir_for(out)
-    sections = list(sections or HER2ST_SECTIONS)
-    def score_one(s):
-        native = read_section(data, s) if isinstance(s, str) else s
-        log(progress, f"{native.name}: {native.n_spots} native spots")
-        return native.name, run_section(native, make, encoder, cache_dir, progress, library)
-
-    return score_sections(PROTOCOL, sections, score_one, method_name=mname, encoder=encoder,
-                          params=params, timer=t, out=out, progress=progress)
+    cache_dir = protocol_cache(cache_dir, out)
+    return score_her2st(PROTOCOL, sections, data,
+                        lambda native: run_section(native, make, encoder, cache_dir, progress,
+                                                   library),
+                        what="native spots", method_name=mname, encoder=encoder,
+                        params=params, timer=t, out=out, progress=progress)

@@ -36,7 +36,7 @@ from ..arrays import columns
 from ..errors import InputError
 from ..image_only import image_only_view
 from ..pp import select_genes
-from .common import Timer, gene_scores, log, method_factory, peak_rss_mb
+from .common import Timer, gene_scores, log, method_factory, peak_rss_mb, protocol_cache
 
 PROTOCOL = "p3"
 SCORING = {
@@ -70,7 +70,7 @@ def score_section(pred: np.ndarray, section, genes: list[str], n_top: int = 50) 
 
 def _load(spec, data):
     if isinstance(spec, str):
-        from .p2 import read_section
+        from .common import read_section
 
         return read_section(data, spec)
     return spec
@@ -125,10 +125,8 @@ def p3(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
         method = cls(seed=int(seed))
     if not isinstance(method, SpotMethod):
         raise InputError(f"P3 needs a spot-level method, got {type(method).__name__}")
-    if cache_dir is None and out is not None and not method.cache_dir:
-        from ..features.cache import cache_dir_for
-
-        cache_dir = cache_dir_for(out)
+    if not method.cache_dir:
+        cache_dir = protocol_cache(cache_dir, out)
     method = dataclasses.replace(method, encoder=encoder,
                                  cache_dir=str(cache_dir) if cache_dir else method.cache_dir)
     make, params, mname = method_factory(method, epochs=epochs, n_states=n_states, seed=seed,

@@ -28,7 +28,14 @@ from ..arrays import columns
 from ..errors import InputError
 from ..geometry import grid_for, section_footprints
 from ..pp import select_genes
-from .common import Timer, log, method_factory, score_sections, section_features
+from .common import (
+    Timer,
+    log,
+    method_factory,
+    protocol_cache,
+    score_sections,
+    section_features,
+)
 
 PROTOCOL = "p4"
 SCORING = {
@@ -171,10 +178,7 @@ def p4(method, sections=None, encoder: str = "handcrafted", epochs=None, n_state
     make, params, mname = method_factory(method, epochs=epochs, n_states=n_states, seed=seed,
                                          progress=progress, consistency=consistency)
     params = {**params, "seed": int(seed), "scoring": SCORING}
-    if cache_dir is None and out is not None:
-        from ..features.cache import cache_dir_for
-
-        cache_dir = cache_dir_for(out)
+    cache_dir = protocol_cache(cache_dir, out)
     if data is not None:  # folders written by `histosr simulate` (truth.zarr + section.json)
         from ..simulate import simulated_sections
 

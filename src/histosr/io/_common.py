@@ -43,6 +43,20 @@ def require_dir(path: PathLike, what: str) -> Path:
     return p
 
 
+def outs_folder(path: PathLike, marker: str, what: str, expected: str) -> Path:
+    """The instrument's output folder holding ``marker`` (a file or folder name): ``path``
+    itself, the folder of a file inside it, or its ``outs/`` subfolder."""
+    p = Path(path)
+    if p.is_file():
+        p = p.parent
+    p = require_dir(p, what)
+    if not (p / marker).exists() and (p / "outs" / marker).exists():
+        p = p / "outs"
+    if not (p / marker).exists():
+        raise MissingFileError(f"{p} is not a {what}: expected {expected}")
+    return p
+
+
 def first_existing(folder: Path, names: Iterable[str]) -> Path | None:
     for n in names:
         if (folder / n).exists():

@@ -37,6 +37,7 @@ from ._common import (
     match_spots,
     numeric_columns,
     open_image_checked,
+    outs_folder,
     read_table,
     require_columns,
     require_dir,
@@ -337,18 +338,9 @@ def _choose_image(spatial: Path, image, sf: dict, meta: dict):
 
 
 def _outs_folder(path: PathLike) -> Path:
-    p = Path(path)
-    if p.is_file():
-        p = p.parent
-    p = require_dir(p, "Space Ranger output folder")
-    if not (p / "spatial").is_dir() and (p / "outs" / "spatial").is_dir():
-        p = p / "outs"
-    if not (p / "spatial").is_dir():
-        raise MissingFileError(
-            f"no spatial/ folder in {p}: expected a Space Ranger 'outs' folder holding "
-            "spatial/ and filtered_feature_bc_matrix(.h5)"
-        )
-    return p
+    return outs_folder(path, "spatial", "Space Ranger output folder",
+                       "a Space Ranger 'outs' folder holding spatial/ and "
+                       "filtered_feature_bc_matrix(.h5)")
 
 
 def _counts(m, bc, genes, features, rows: pd.DataFrame, xy: np.ndarray):

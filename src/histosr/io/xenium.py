@@ -19,7 +19,13 @@ import numpy as np
 import pandas as pd
 
 from ..section import Section, SectionError, check_pixel_size, make_counts, validate
-from ._common import MissingFileError, PathLike, open_image_checked, require_dir, require_file
+from ._common import (
+    MissingFileError,
+    PathLike,
+    open_image_checked,
+    outs_folder,
+    require_file,
+)
 
 XENIUM_PIXEL_SIZE_UM = 0.2125
 HE_PATTERNS = ("*he_image*.ome.tif", "*he_image*.tif", "*he_image*.tiff", "*_he.ome.tif",
@@ -28,16 +34,9 @@ ALIGN_PATTERNS = ("*he_imagealignment.csv", "*imagealignment.csv")
 
 
 def _outs(path: Path) -> Path:
-    p = require_dir(path if not Path(path).is_file() else Path(path).parent,
-                    "Xenium output folder")
-    if not (p / "experiment.xenium").is_file() and (p / "outs" / "experiment.xenium").is_file():
-        p = p / "outs"
-    if not (p / "experiment.xenium").is_file():
-        raise MissingFileError(
-            f"{p} is not a Xenium output folder: expected experiment.xenium, cells.parquet and "
-            "cell_feature_matrix.h5 (the Xenium Onboard Analysis 'outs' folder)"
-        )
-    return p
+    return outs_folder(path, "experiment.xenium", "Xenium output folder",
+                       "experiment.xenium, cells.parquet and cell_feature_matrix.h5 (the "
+                       "Xenium Onboard Analysis 'outs' folder)")
 
 
 def _find(folder: Path, patterns, what: str) -> Path | None:

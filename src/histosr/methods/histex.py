@@ -39,9 +39,9 @@ from scipy.spatial import cKDTree
 from .. import train
 from ..errors import InputError
 from ..geometry import section_footprints
-from ..params import DEVICE, Interval, Options
+from ..params import DEVICE, Interval, MultipleOf, Options
 from .base import SuperpixelMethod, register_method
-from .scaling import feature_stats, minmax
+from .scaling import FootprintSampler, feature_stats, minmax
 
 # Upper bound on the float32 activations of one prediction chunk (tokens x embedding).
 _PREDICT_BUDGET_BYTES = 2**27
@@ -183,7 +183,7 @@ class CrossAttentionSR(SuperpixelMethod):
     constraints: ClassVar[dict] = {
         "epochs": Interval(int, 1), "n_states": Interval(int, 1),
         "lr": Interval(float, 0, closed="neither"), "batch_size": Interval(int, 1),
-        "embed_dim": Interval(int, 1), "heads": Interval(int, 1), "n_blocks": Interval(int, 1),
+        "embed_dim": MultipleOf("heads"), "heads": Interval(int, 1), "n_blocks": Interval(int, 1),
         "k_neighbors": Interval(int, 1), "activation": Options("identity", "leaky"),
         "max_cells_per_spot": Interval(int, 2), "context": Options(*CONTEXTS),
         "device": DEVICE}
@@ -205,13 +205,6 @@ class CrossAttentionSR(SuperpixelMethod):
     context: str = "hr"
     device: str = "auto"
     checkpoint_dir: str | None = None
-
-    def _check_params(self) -> None:
-        from ..params import ParameterError
-
-        if self.embed_dim % self.heads:
-            raise ParameterError(f"the 'embed_dim' parameter of {self.name} must be a multiple "
-                                 f"of 'heads' ({self.heads}), got {self.embed_dim}")
 
     # -- inputs shared by fit and predict ------------------------------------------------
     def _extra_channels(self, features) -> list[str]:
@@ -357,22 +350,13 @@ class CrossAttentionSR(SuperpixelMethod):
         n_w = np.array([len(s) for s in spot_wins])
         Wm = int(n_w.max())
         SW = np.stack([np.concatenate([s, np.repeat(s[:1], Wm - len(s))]) for s in spot_wins])
-        n_cells = np.array([len(s) for s in spot_cells])
-        n_max = int(n_cells.max())
-        m = n_max if self.max_cells_per_spot is None else min(n_max, self.max_cells_per_spot)
-        subsample = m < n_max
-        P = np.empty((n_spots, n_max), dtype=np.int64)  # slot * T + token
-        for i, s in enumerate(spot_cells):
-            P[i, : len(s)] = s[:, 0] * T + s[:, 1]
-            P[i, len(s) :] = P[i, 0]
-        k = np.minimum(n_cells, m)
+        # a spot's cells as window slot * T + token
+        sampler = FootprintSampler([c[:, 0] * T + c[:, 1] for c in spot_cells],
+                                   self.max_cells_per_spot)
+        m = sampler.m
         b = self.batch_size or max(1, min(32, n_spots // 16))
         dev = train.resolve_device(self.device)
 
-        P_t = torch.from_numpy(P)
-        valid_t = torch.arange(n_max)[None, :] < torch.from_numpy(n_cells)[:, None]
-        k_t = torch.from_numpy(k)
-        w_all = (torch.arange(m)[None, :] < k_t[:, None]).float() / k_t[:, None].float()
         Xd = torch.from_numpy(X).to(dev)
         HRd = torch.from_numpy(HR).to(dev)
         WINd = torch.from_numpy(win).to(dev)
@@ -389,13 +373,9 @@ class CrossAttentionSR(SuperpixelMethod):
             def batches(epoch):
                 order = (torch.randperm(n_spots, generator=gen) if shuffle
                          else torch.arange(n_spots))
-                if subsample:
-                    u = torch.rand(n_spots, n_max, generator=gen)
-                    u[~valid_t] = 2.0  # padding sorts last
-                    cells = P_t.gather(1, u.argsort(dim=1)[:, :m])
-                else:
-                    cells = P_t
-                cells, wts, y = cells[order].to(dev), w_all[order].to(dev), Yd[order].to(dev)
+                cells = sampler.draw(gen)
+                cells, wts = cells[order].to(dev), sampler.weights[order].to(dev)
+                y = Yd[order].to(dev)
                 order = order.to(dev)
                 for a in range(0, n_spots, b):
                     yield order[a : a + b], cells[a : a + b], wts[a : a + b], y[a : a + b]
@@ -415,7 +395,7 @@ class CrossAttentionSR(SuperpixelMethod):
             return train.train_member(model, batches, loss_fn, self.epochs, self.lr,
                                       self.name if self.progress else False)
 
-        train.fit_method_states(self, fit_one, X, Y, win, ctx, HR, SW, P)
+        train.fit_method_states(self, fit_one, X, Y, win, ctx, HR, SW, sampler.padded)
 
     # -- prediction -------------------------------------------------------------------------
     def _models(self, dev):

@@ -15,7 +15,7 @@ from ..errors import InputError
 from ..geometry import section_footprints
 from ..params import DEVICE, Interval
 from .base import SuperpixelMethod, register_method
-from .scaling import feature_stats, minmax
+from .scaling import FootprintSampler, feature_stats, minmax
 
 # Upper bound on the (states x cells x genes) float32 block predicted at once.
 _PREDICT_BUDGET_BYTES = 2**27
@@ -132,23 +132,11 @@ class IStar(SuperpixelMethod):
 
         n_spots, n_genes, d_in = len(spot_cells), Y.shape[1], X.shape[1]
         self.in_dim_, self.n_train_spots_ = int(d_in), int(n_spots)
-        n_cells = np.array([len(s) for s in spot_cells])
-        n_max = int(n_cells.max())
-        m = n_max if self.max_cells_per_spot is None else min(n_max, self.max_cells_per_spot)
-        subsample = m < n_max
-        # padded (spot, cell) index matrix; padding repeats the spot's first cell
-        P = np.empty((n_spots, n_max), dtype=np.int64)
-        for i, s in enumerate(spot_cells):
-            P[i, : len(s)] = s
-            P[i, len(s) :] = s[0]
-        k = np.minimum(n_cells, m)
+        sampler = FootprintSampler(spot_cells, self.max_cells_per_spot)
+        m = sampler.m
         b = self.batch_size or max(1, min(128, n_spots // 16))
         dev = train.resolve_device(self.device)
 
-        P_t = torch.from_numpy(P)
-        valid_t = torch.arange(n_max)[None, :] < torch.from_numpy(n_cells)[:, None]
-        k_t = torch.from_numpy(k)
-        w_all = ((torch.arange(m)[None, :] < k_t[:, None]).float() / k_t[:, None].float())
         Xd = torch.from_numpy(X).to(dev)
         Yd = torch.from_numpy(Y)
         hidden, n_layers = self.hidden, self.n_layers
@@ -159,14 +147,8 @@ class IStar(SuperpixelMethod):
 
             def batches(epoch):
                 perm = torch.randperm(n_spots, generator=gen)
-                if subsample:
-                    u = torch.rand(n_spots, n_max, generator=gen)
-                    u[~valid_t] = 2.0  # padding sorts last
-                    pos = u.argsort(dim=1)[:, :m]
-                    cells = P_t.gather(1, pos)
-                else:
-                    cells = P_t
-                cells, w = cells[perm].to(dev), w_all[perm].to(dev)
+                cells = sampler.draw(gen)
+                cells, w = cells[perm].to(dev), sampler.weights[perm].to(dev)
                 y = Yd[perm].to(dev)
                 for a in range(0, n_spots, b):
                     yield cells[a : a + b], w[a : a + b], y[a : a + b]
@@ -182,7 +164,7 @@ class IStar(SuperpixelMethod):
             return train.train_member(model, batches, loss_fn, self.epochs, self.lr,
                                       "istar" if self.progress else False)
 
-        train.fit_method_states(self, fit_one, X, Y, P)
+        train.fit_method_states(self, fit_one, X, Y, sampler.padded)
 
     # -- prediction -------------------------------------------------------------------------
     def _models(self, dev):

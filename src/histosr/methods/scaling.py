@@ -26,3 +26,45 @@ def minmax(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 __all__ = ["feature_stats", "minmax"]
+
+
+class FootprintSampler:
+    """Per training spot, a fresh random subset of at most ``max_cells`` of its footprint
+    cells each epoch, with weights 1/k, so that the weighted sum of the subset's predictions
+    is an unbiased estimate of the footprint mean (iStar / HISTEX difference (c)).
+
+    ``cells``: per spot, a non-empty int array of indices into the model's inputs. The
+    padded (n_spots, n_max) index matrix repeats each spot's first index; padding sorts last
+    in every draw and has weight 0."""
+
+    def __init__(self, cells: list[np.ndarray], max_cells: int | None):
+        import torch
+
+        n = np.array([len(s) for s in cells])
+        self.n_max = int(n.max())
+        self.m = self.n_max if max_cells is None else min(self.n_max, int(max_cells))
+        self.subsample = self.m < self.n_max
+        P = np.empty((len(cells), self.n_max), dtype=np.int64)
+        for i, s in enumerate(cells):
+            P[i, : len(s)] = s
+            P[i, len(s):] = s[0]
+        self.padded = P
+        self._P = torch.from_numpy(P)
+        self._valid = torch.arange(self.n_max)[None, :] < torch.from_numpy(n)[:, None]
+        k = torch.from_numpy(np.minimum(n, self.m))
+        #: (n_spots, m) weights: 1/k on a spot's k drawn cells, 0 on padding
+        self.weights = (torch.arange(self.m)[None, :] < k[:, None]).float() / k[:, None].float()
+
+    def draw(self, generator):
+        """(n_spots, m) indices of this epoch's cells (all of them when no subsampling:
+        then no random number is drawn)."""
+        import torch
+
+        if not self.subsample:
+            return self._P
+        u = torch.rand(self._P.shape[0], self.n_max, generator=generator)
+        u[~self._valid] = 2.0  # padding sorts last
+        return self._P.gather(1, u.argsort(dim=1)[:, : self.m])
+
+
+__all__ += ["FootprintSampler"]

@@ -15,7 +15,7 @@ import numpy as np
 from .. import train
 from ..errors import InputError
 from ..features.crops import crop_features
-from ..params import DEVICE, Interval, Options
+from ..params import DEVICE, Interval, MultipleOf, Options
 from .base import register_method
 from .scaling import feature_stats
 from .spot import SpotMethod
@@ -232,7 +232,7 @@ class TriHRGE(SpotMethod):
         "variant": Options(*VARIANTS), "epochs": Interval(int, 1),
         "lr": Interval(float, 0, closed="neither"), "chunk_size": Interval(int, 1),
         "target_um": Interval(float, 0, closed="neither"),
-        "region_um": Interval(float, 0, closed="neither"), "dim": Interval(int, 1),
+        "region_um": Interval(float, 0, closed="neither"), "dim": MultipleOf("heads"),
         "heads": Interval(int, 1), "n_positions": Interval(int, 1), "n_states": Interval(int, 1),
         "device": DEVICE}
 
@@ -254,13 +254,6 @@ class TriHRGE(SpotMethod):
     checkpoint_dir: str | None = None
 
     # -- data ----------------------------------------------------------------------------
-    def _check_params(self) -> None:
-        from ..params import ParameterError
-
-        if self.dim % self.heads:
-            raise ParameterError(f"the 'dim' parameter of {self.name} must be a multiple of "
-                                 f"'heads' ({self.heads}), got {self.dim}")
-
     def _raw_features(self, section, xy: np.ndarray) -> dict:
         """Per point: ``target`` (n, d) and ``region`` (n, 9, d) (paper) or ``region`` (n, d)
         (released: the whole 336 um crop)."""
