@@ -33,7 +33,7 @@ def predict_maps(method, section, features, path: str | Path, genes: list[str] |
 
     from .consistency import ConsistencyScaler
 
-    method._check_fitted()
+    method.check_fitted()
     genes = list(genes or method.genes_)
     gidx = np.array([method.genes_.index(g) for g in genes])
     use_cons = method.consistency if consistency is None else consistency

@@ -199,7 +199,6 @@ class Method:
             raise NotFittedError(f"this {self.name} is not fitted yet: call fit(sections, "
                                  "features) first (or load a fitted model folder)")
 
-    _check_fitted = check_fitted  # older name
 
     def predict(self, section, features=None, at=None, **kw) -> ad.AnnData:  # pragma: no cover
         raise NotImplementedError

@@ -57,9 +57,4 @@ def zscore(x: np.ndarray, mean: np.ndarray | None = None,
     return ((x - mean) / std).astype(np.float32), mean, std
 
 
-def check_standardize(mode: str) -> None:
-    if mode not in STANDARDIZE:
-        raise InputError(f"standardize must be one of {STANDARDIZE}, got {mode!r}")
-
-
-__all__ = ["spot_image_features", "zscore", "encoder_of", "STANDARDIZE", "check_standardize"]
+__all__ = ["spot_image_features", "zscore", "encoder_of", "STANDARDIZE"]
