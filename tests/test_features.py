@@ -195,7 +195,8 @@ def test_cache_reuse_and_resume(sec, tmp_path, monkeypatch):
     assert not (tmp_path / "resume.zarr.partial").exists()
 
 
-def test_temporary_output_and_roundtrip(sec, tmp_path):
+def test_temporary_output_and_roundtrip(sec, tmp_path, monkeypatch):
+    monkeypatch.delenv("HISTOSR_CACHE_DIR", raising=False)  # no shared cache: a temp store
     fm = compute(sec, progress=False, tile_sp=32)
     assert fm.path is not None and "histosr-features-" in fm.path
     saved = fm.save(tmp_path / "copy.zarr")

@@ -119,3 +119,18 @@ def test_cells_polygon_weights_area():
     assert tiny[0, 4 * 10 + 3] > 0
     with pytest.raises(ValueError, match="polygon 0"):
         polygon_weights([np.zeros((2, 2))], (4, 4))
+
+
+def test_spatialdata_image_larger_than_one_chunk(tmp_path):
+    """Images over one 2048 px chunk are written whole (chunked lazily), pixel for pixel."""
+    sd = pytest.importorskip("spatialdata")
+    from histosr.io import write_spatialdata
+    from histosr.io.spatialdata import XarrayImage, _level0
+
+    sec = synthetic_visium(seed=1, size_um=1100.0, n_genes=2)
+    assert max(sec.image.shape[:2]) > 2048
+    path = write_spatialdata(tmp_path / "big.zarr", sec)
+    img = XarrayImage(_level0(sd.read_zarr(path).images["image"]))
+    assert img.shape == sec.image.shape
+    np.testing.assert_array_equal(img.read(2000, 100, 150, 60),
+                                  sec.image.array[2000:2150, 100:160])

@@ -52,7 +52,7 @@ def read_section(spec: dict):
     if missing:
         raise ConfigError(f"the {reader!r} reader needs more: " + "; ".join(
             f"pass {k}=..." for k in missing))
-    return io.read(path, platform=reader, **spec)
+    return io.read(path, reader=reader, **spec)
 
 
 def check_trainable(section) -> None:

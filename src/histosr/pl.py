@@ -308,6 +308,8 @@ def interactions_top(tables: dict, n: int = 20, title: str | None = None):
         ax.axvline(0, color="k", lw=0.5)
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return fig
 
 
 # -- gene-set enrichment --------------------------------------------------------------------

@@ -138,18 +138,19 @@ def detect_platform(path) -> str:
         "sample (st/ wsis/ metadata/), a SpatialData zarr store, a Visium HD bin folder (spatial/"
         "tissue_positions.parquet), an ST folder (counts.tsv + spots.tsv), a her2st root "
         "(counts/ spots/ images/), an iStar folder (cnts.tsv + locs-raw.tsv) or an .h5ad "
-        f"file. Pass platform= one of {sorted(READERS)} to choose the reader."
+        f"file. Pass reader= one of {sorted(READERS)} to choose the reader."
     )
 
 
-def read(path, platform: str | None = None, **kw) -> Section:
-    """Read any supported layout; ``platform`` (a key of :data:`READERS`) skips detection.
+def read(path, reader: str | None = None, **kw) -> Section:
+    """Read any supported layout; ``reader`` (a key of :data:`READERS`) skips detection.
 
-    her2st needs the section: ``read(root, section="C2")``. Other keywords go to the reader.
+    her2st needs the section: ``read(root, section="C2")``. Other keywords go to the reader
+    (``platform=`` is the HEST / h5ad / iStar readers' label of the assay, not the reader).
     """
-    platform = platform or detect_platform(path)
+    platform = reader or detect_platform(path)
     if platform not in READERS:
-        raise SectionError(f"unknown platform {platform!r}: expected one of {sorted(READERS)}")
+        raise SectionError(f"unknown reader {platform!r}: expected one of {sorted(READERS)}")
     if platform == "her2st":
         section, alt = kw.pop("section", None), kw.pop("name", None)
         section = section if section is not None else alt
