@@ -20,7 +20,7 @@ TINY = {
                "batch_size": 8, "device": "cpu"},
     "deephex": {"epochs": 2, "n_states": 1, "embed_dim": 16, "heads": 2, "hidden": (16,),
                 "batch_size": 8, "device": "cpu"},
-    "nearest": {}, "bilinear": {}, "knn": {},
+    "nearest": {}, "bilinear": {}, "knn": {}, "hybrid": {"n_folds": 3},
     "hishrst": {"epochs": 2, "crop_um": 32.0, "chunk_size": 12, "hidden": 32, "device": "cpu"},
     "trihrge": {"epochs": 2, "target_um": 32.0, "region_um": 96.0, "chunk_size": 12, "dim": 32,
                 "device": "cpu"},

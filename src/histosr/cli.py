@@ -397,6 +397,8 @@ def cmd_benchmark(args) -> int:
         n_states=args.n_states, seed=args.seed, out=args.out,
         consistency=args.consistency, progress=not args.quiet,
         **({"scheduler": args.scheduler} if args.scheduler else {}),
+        **({"downsample_depth": args.downsample_depth}
+           if args.downsample_depth is not None else {}),
     )
     print(json.dumps({"protocol": res["protocol"], "method": res["method"], "mean": res["mean"]}))
     print(f"results: {Path(args.out) / 'results.json'}")
@@ -589,6 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--consistency", action=argparse.BooleanOptionalAction, default=True)
     _set_arg(s, "method hyper-parameter (e.g. context=off)")
     s.add_argument("--params", help="JSON hyper-parameters (alias of --set)")
+    s.add_argument("--downsample-depth", type=float, metavar="N",
+                   help="p1/p2/p3: fit on counts binomially thinned to a median of N UMI per "
+                   "spot (seeded by --seed); scores stay against the full-depth counts")
     s.add_argument("--scheduler", help="Dask: 'local' (LocalCluster) or a scheduler address; "
                    "protocols with independent folds (p3) run them in parallel")
     s.add_argument("--out", required=True)

@@ -211,6 +211,7 @@ def _superpixel_outputs(rep, method, section, fm, rc: RunConfig, out: Path) -> N
     rep.notes.append("in-sample metrics compare the image model's footprint sums (before "
                      "consistency) with the spots it was fitted on; use `histosr benchmark` for "
                      "held-out scores")
+    _self_validation(rep, method, out)
     with rep.stage("previews"):
         show = _preview_genes(rc, method.genes_)
         spots = section.counts[:, show].copy() if show else None
@@ -219,6 +220,28 @@ def _superpixel_outputs(rep, method, section, fm, rc: RunConfig, out: Path) -> N
 
     rc.analysis.pathways().run(pred, spots_pred, section, out, rep)  # pathway maps, ORA
     interactions.run_in_pipeline(rc.analysis.model_dump(), pred, spots_pred, section, out, rep)
+
+
+def _self_validation(rep, method, out: Path) -> None:
+    """A method's own held-out per-gene estimates (:meth:`Method.reliability`) into the
+    report metrics and ``reliability.tsv``."""
+    rel = method.reliability()
+    if rel is None:
+        return
+    from .report import _atomic_write
+
+    _atomic_write(out / "reliability.tsv", rel.to_csv(sep="\t", float_format="%.4f"))
+    rep.outputs["reliability"] = str(out / "reliability.tsv")
+    rep.metrics["cv_pcc_mean"] = float(rel["cv_pcc"].mean())
+    if "cv_pcc_interpolation" in rel:
+        better = rel["cv_pcc"] > rel["cv_pcc_interpolation"] + 0.01
+        rep.metrics["cv_pcc_interpolation_mean"] = float(rel["cv_pcc_interpolation"].mean())
+        rep.metrics["genes_better_than_interpolation"] = int(better.sum())
+        rep.notes.append(
+            f"self-validation (spatially blocked folds of the measured spots): "
+            f"{int(better.sum())} of {len(rel)} genes predicted better than interpolating the "
+            "spots (cv_pcc > cv_pcc_interpolation + 0.01); per gene in reliability.tsv and in "
+            "var of the predictions; the other genes' maps are the spatial field")
 
 
 def _spot_outputs(rep, method, section, rc: RunConfig, out: Path) -> None:

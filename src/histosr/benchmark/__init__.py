@@ -42,6 +42,9 @@ def run(protocol: str, method, encoder: str = "handcrafted", data=None, sections
     if key not in PROTOCOLS and key not in _LAZY:
         raise InputError(f"unknown protocol {protocol!r}: expected one of "
                          f"{sorted(set(PROTOCOLS) | set(_LAZY))}")
+    if kwargs.get("downsample_depth") is not None and key not in ("p1", "p2", "p3"):
+        raise InputError(f"--downsample-depth applies to p1, p2 and p3 (measured her2st "
+                         f"counts), not {key}")
     return _protocol(key)(method, sections=sections, encoder=encoder, data=data, epochs=epochs,
                           n_states=n_states, seed=seed, consistency=consistency, out=out,
                           progress=progress, **kwargs)

@@ -130,6 +130,34 @@ def gene_scores(pred: np.ndarray, truth: np.ndarray, n_top: int = 50) -> dict:
     }
 
 
+DEPTH_SCORING = ("the fitted counts are binomially thinned to a median of {n:g} UMI per spot "
+                 "(histosr.pp.downsample_depth, seed {seed}); scores are against the "
+                 "full-depth counts of the scored spots")
+
+
+def thin(section, depth: float | None, seed: int = 0):
+    """``section`` with its counts thinned to a median of ``depth`` UMI per spot (seeded),
+    or unchanged for ``None``: what a method is fitted on under ``--downsample-depth``."""
+    if depth is None:
+        return section
+    from ..pp import downsample_depth
+
+    return downsample_depth(section, float(depth), seed)
+
+
+def depth_params(params: dict, depth: float | None, seed: int) -> dict:
+    """``params`` with the thinning recorded (``downsample_depth`` and a scoring note)."""
+    if depth is None:
+        return params
+    from ..errors import InputError
+
+    if not float(depth) > 0:
+        raise InputError(f"--downsample-depth expects a median UMI per spot > 0, got {depth!r}")
+    return {**params, "downsample_depth": {"median_umi": float(depth), "seed": int(seed)},
+            "scoring": {**params.get("scoring", {}),
+                        "depth": DEPTH_SCORING.format(n=float(depth), seed=int(seed))}}
+
+
 def read_section(data, name: str):
     """A native her2st section from ``data`` (the folder holding ``her2st/``, or
     ``her2st/`` itself; default :func:`histosr.datasets.data_dir`)."""

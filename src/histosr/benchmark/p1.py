@@ -34,12 +34,14 @@ from ..methods.base import SPOT
 from ..pp import select_genes
 from .common import (
     Timer,
+    depth_params,
     gene_scores,
     log,
     method_factory,
     protocol_cache,
     score_her2st,
     section_features,
+    thin,
 )
 
 PROTOCOL = "p1"
@@ -109,14 +111,16 @@ def score_held_out(pred: np.ndarray, truth: np.ndarray, n_top: int = 50) -> dict
 
 
 def run_section(native, make_method, encoder: str, cache_dir: Path | None,
-                progress: bool = True, library: str = "predicted") -> dict:
-    """Score one section (already read) under P1."""
+                progress: bool = True, library: str = "predicted", depth: float | None = None,
+                seed: int = 0) -> dict:
+    """Score one section (already read) under P1; ``depth``: fit on counts thinned to that
+    median UMI per spot, score against the full-depth held-out counts."""
     t = Timer().__enter__()
     train_ids, held = split(native.counts.obs_names)
     genes = select_genes(native, 1000)
     if len(genes) < 2:
         raise InputError(f"section {native.name!r}: fewer than 2 genes pass the 10% filter")
-    train_sec = subset(native, train_ids)
+    train_sec = subset(thin(native, depth, seed), train_ids)
     test = subset(native, held, "_held_out")
     method = make_method()
     log(progress, f"{native.name}: fit {method.name} on {train_sec.n_spots} spots, predict "
@@ -135,9 +139,12 @@ def run_section(native, make_method, encoder: str, cache_dir: Path | None,
 
 def p1(method, sections=None, encoder: str = "handcrafted", data=None, epochs=None,
        n_states=None, seed: int = 0, consistency=None, out=None, cache_dir=None,
-       progress: bool = True, library: str = "predicted") -> dict:
+       progress: bool = True, library: str = "predicted",
+       downsample_depth: float | None = None) -> dict:
     """Run P1 on her2st ``sections`` (names, default C2..C6, or Section objects) and return
     the results dict; with ``out`` also write ``out/results.json`` after every section.
+    ``downsample_depth``: fit on counts thinned to that median UMI per spot (seeded by
+    ``seed``), score against the full-depth counts.
     ``consistency`` applies to super-resolution methods only (spot methods predict whole
     spots: recorded as False for them)."""
     from ..methods.base import method_class
@@ -156,10 +163,11 @@ def p1(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
             "counts over the held-out spot's disk; library = "
             + ("sum of predicted scored-gene counts / scored-gene share of the training spots"
                if library == "predicted" else "measured held-out library (all genes)"))}}
+    params = depth_params(params, downsample_depth, seed)
     cache_dir = protocol_cache(cache_dir, out)
     return score_her2st(PROTOCOL, sections, data,
                         lambda native: run_section(native, make, encoder, cache_dir, progress,
-                                                   library),
+                                                   library, downsample_depth, seed),
                         method_name=mname, encoder=encoder, params=params, timer=t, out=out,
                         progress=progress)
 

@@ -40,12 +40,14 @@ from ..geometry import pool_spots
 from ..pp import select_genes
 from .common import (
     Timer,
+    depth_params,
     gene_scores,
     log,
     method_factory,
     protocol_cache,
     score_her2st,
     section_features,
+    thin,
 )
 
 PROTOCOL = "p2"
@@ -106,10 +108,12 @@ def score_native(pred_counts: np.ndarray, native, genes: list[str], blocks,
 
 
 def run_section(native, make_method, encoder: str, cache_dir: Path | None,
-                progress: bool = True, library: str = "predicted") -> dict:
-    """Score one native section (already read) under P2."""
+                progress: bool = True, library: str = "predicted", depth: float | None = None,
+                seed: int = 0) -> dict:
+    """Score one native section (already read) under P2; ``depth``: pool counts thinned to
+    that median UMI per spot, score against the full-depth native spots."""
     t = Timer().__enter__()
-    pooled, block = pool_spots(native, 2)
+    pooled, block = pool_spots(thin(native, depth, seed), 2)
     genes = select_genes(native, 1000)
     if len(genes) < 2:
         raise InputError(f"section {native.name!r}: fewer than 2 genes pass the 10% filter")
@@ -138,7 +142,8 @@ def run_section(native, make_method, encoder: str, cache_dir: Path | None,
 
 def p2(method, sections=None, encoder: str = "handcrafted", data=None, epochs=None,
        n_states=None, seed: int = 0, consistency=None, out=None, cache_dir=None,
-       progress: bool = True, library: str = "predicted") -> dict:
+       progress: bool = True, library: str = "predicted",
+       downsample_depth: float | None = None) -> dict:
     """Run P2 on her2st ``sections`` (names, default C2..C6; or Section objects with obs
     ``array_row``/``array_col``) and return the results dict; with ``out``, also write
     ``out/results.json`` (after every section, atomically)."""
@@ -152,9 +157,10 @@ def p2(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
         **SCORING, "prediction_library": library + (
             ": sum of predicted scored-gene counts / scored-gene share of its pseudo-spot"
             if library == "predicted" else ": measured native library (all genes)")}}
+    params = depth_params(params, downsample_depth, seed)
     cache_dir = protocol_cache(cache_dir, out)
     return score_her2st(PROTOCOL, sections, data,
                         lambda native: run_section(native, make, encoder, cache_dir, progress,
-                                                   library),
+                                                   library, downsample_depth, seed),
                         what="native spots", method_name=mname, encoder=encoder,
                         params=params, timer=t, out=out, progress=progress)

@@ -36,7 +36,15 @@ from ..arrays import columns
 from ..errors import InputError
 from ..image_only import image_only_view
 from ..pp import select_genes
-from .common import Timer, gene_scores, log, method_factory, peak_rss_mb, protocol_cache
+from .common import (
+    Timer,
+    depth_params,
+    gene_scores,
+    log,
+    method_factory,
+    peak_rss_mb,
+    protocol_cache,
+)
 
 PROTOCOL = "p3"
 SCORING = {
@@ -76,13 +84,17 @@ def _load(spec, data):
     return spec
 
 
-def run_fold(test, train, method, data=None, n_genes: int = 1000, progress: bool = False) -> dict:
+def run_fold(test, train, method, data=None, n_genes: int = 1000, progress: bool = False,
+             depth: float | None = None, seed: int = 0) -> dict:
     """One P3 fold: fit a fresh copy of ``method`` (an unfitted template) on ``train``
-    (names or Sections), predict the image-only view of ``test``, score it. Returns
+    (names or Sections; counts thinned to a median of ``depth`` UMI per spot when given),
+    predict the image-only view of ``test``, score it against its full counts. Returns
     ``{"name", "scores", "fit_info"}``. Self-contained (a Dask task)."""
+    from .common import thin
+
     t = Timer().__enter__()
     test_sec = _load(test, data)
-    train_secs = [_load(s, data) for s in train]
+    train_secs = [thin(_load(s, data), depth, seed) for s in train]
     genes = select_genes(train_secs, n_genes)
     if len(genes) < 2:
         raise InputError(f"fold {test_sec.name}: fewer than 2 genes pass the 10% filter")
@@ -100,7 +112,8 @@ def run_fold(test, train, method, data=None, n_genes: int = 1000, progress: bool
 
 def p3(method, sections=None, encoder: str = "handcrafted", data=None, epochs=None,
        n_states=None, seed: int = 0, consistency=None, out=None, progress: bool = True,
-       scheduler=None, cache_dir=None, n_genes: int = 1000) -> dict:
+       scheduler=None, cache_dir=None, n_genes: int = 1000,
+       downsample_depth: float | None = None) -> dict:
     """Run P3 over ``sections`` (her2st names, default C2..C6, or Section objects; at least
     two) and return the results dict; with ``out`` also write ``out/results.json``.
     ``method``: a registered name (``knn`` -> ``knn_features``) or a SpotMethod instance;
@@ -142,6 +155,7 @@ def p3(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
         params["method_mapped_from"] = (f"{mapped_from!r}: the spatial baseline cannot predict "
                                         f"an unmeasured section; P3 runs {mname!r} (kNN in "
                                         "image-feature space)")
+    params = depth_params(params, downsample_depth, seed)
     specs = list(sections or HER2ST_SECTIONS)
     if len(specs) < 2:
         raise InputError(f"P3 needs at least 2 sections (one held out), got {len(specs)}")
@@ -168,7 +182,8 @@ def p3(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
 
     if scheduler is None or scheduler == "serial":
         for test, train in folds:
-            record(run_fold(test, train, template, data, n_genes, progress))
+            record(run_fold(test, train, template, data, n_genes, progress,
+                            downsample_depth, seed))
     else:
         from distributed import as_completed
 
@@ -182,7 +197,8 @@ def p3(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
                     folds = [(held[i], [h for j, h in enumerate(held) if j != i])
                              for i in range(len(specs))]
                 futs = [client.submit(run_fold, test, train, template, data, n_genes, False,
-                                      pure=False) for test, train in folds]
+                                      downsample_depth, seed, pure=False)
+                        for test, train in folds]
                 for f in as_completed(futs):
                     record(f.result())
             finally:

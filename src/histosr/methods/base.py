@@ -60,7 +60,7 @@ class PredictionTooLargeError(InputError):
 
 def _load_builtin() -> None:
     # importing the modules registers them
-    from . import baselines, hespotex, hishrst, histex, istar, ridge, trihrge  # noqa: F401
+    from . import baselines, hespotex, hishrst, histex, hybrid, istar, ridge, trihrge  # noqa: F401
 
 
 REGISTRY = Registry("method", _load_builtin)
@@ -202,6 +202,19 @@ class Method:
 
     def predict(self, section, features=None, at=None, **kw) -> ad.AnnData:  # pragma: no cover
         raise NotImplementedError
+
+    def reliability(self) -> pd.DataFrame | None:
+        """Per fitted gene, the method's own held-out estimate of how well it predicts
+        (a DataFrame indexed by gene, e.g. ``cv_pcc`` and ``cv_pcc_interpolation``), or
+        None for methods that do not validate themselves. Predictions carry it in ``var``."""
+        return None
+
+    def _add_reliability(self, adata: ad.AnnData) -> ad.AnnData:
+        rel = self.reliability()
+        if rel is not None:
+            for col in rel.columns:
+                adata.var[col] = rel[col].reindex(adata.var_names).to_numpy()
+        return adata
 
     def fitted_on(self, section) -> bool:
         """Whether ``section`` (its very counts) is one the method was fitted on."""
@@ -356,7 +369,7 @@ class SuperpixelMethod(Method):
             self._check_size(len(r), use_cons, max_bytes)
             cells = grid.flat(r, c)
             vals = self.predict_cells(section, features, cells, use_cons)
-            return superpixel_anndata(vals, r, c, grid, self.genes_, uns)
+            return self._add_reliability(superpixel_anndata(vals, r, c, grid, self.genes_, uns))
         if isinstance(at, str) and at == "spots":
             fps, ids, xy = section.spot_footprints(), section.counts.obs_names, section.xy
         elif isinstance(at, str):
@@ -376,7 +389,7 @@ class SuperpixelMethod(Method):
         out.obsm["spatial"] = np.asarray(xy, dtype=np.float64)
         uns["scale"] = "counts per spot footprint (sum over its 8 um superpixels)"
         out.uns["histosr"] = uns
-        return out
+        return self._add_reliability(out)
 
     def _check_size(self, n_cells: int, consistency: bool, max_bytes: float | None) -> None:
         need = float(n_cells) * len(self.genes_) * 4 * (3 if consistency else 2)

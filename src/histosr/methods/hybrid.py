@@ -1,0 +1,261 @@
+"""``hybrid``: a spatial field of the measured spots plus an image model of what the field
+misses, weighted per gene by cross-validation (histosr's own method).
+
+Algorithm (all on log1p CP10k of each spot's own library, the scale the protocols score):
+
+1. **Spatial field.** A Gaussian kernel smoother of the measured spots
+   (:class:`~histosr.methods.field.KernelField`), bandwidth chosen per section by
+   leave-one-out among 0.35-2 spot pitches. Interpolating the measured spots is the strong
+   baseline on every protocol with measured spots; the method starts from it.
+2. **Image residual.** Ridge regression (alpha by generalised cross-validation) from the
+   z-scored image features averaged over each spot's footprint to the spot's residual
+   against its *leave-one-out* field value. The image model therefore learns only what
+   interpolation from the neighbours misses (the residual the field would make at an
+   unmeasured place), not the expression the field already carries. Its intercept (the
+   field's mean residual) is dropped: the image part only moves a place up or down
+   relative to the mean over spots, with features z-scored over the training spots.
+3. **Per-gene weight.** Spatially blocked K-fold cross-validation on the measured spots
+   (square blocks of ``block_pitches`` spot pitches assigned to folds at random): each fold
+   refits the field and the ridge on the other folds and predicts it. Per gene, the weight
+   ``w`` of the image part minimises the out-of-fold squared error of ``field + w x image``
+   (clipped to [0, 1]), is shrunk toward the mean over genes by ``shrink`` (stability for
+   genes with few informative spots) and multiplied by the evidence factor
+   ``max(0, 1 - 3.84 / (n rho^2))`` (``rho^2``: the share of the field's out-of-fold squared
+   error the image part removes over ``n`` spots; with no signal ``n rho^2`` is chi2(1), so
+   a gene gets image weight only where that share is significant at ~5 %). Where the image does not help
+   a gene, ``w`` is ~0 and the method returns the spatial field. The same folds give each gene's self-validation:
+   out-of-fold Pearson r of the field alone (``cv_pcc_interpolation``) and of the hybrid
+   (``cv_pcc``); blocked folds put held-out spots farther from the measured ones than a
+   prediction usually is, so both are conservative, and ``cv_pcc`` reuses the folds that
+   chose ``w`` (slightly optimistic for it).
+4. **8 um map.** At each superpixel: the field at its centre plus ``w`` x the ridge on its
+   own features (the within-spot detail), turned into counts per superpixel with the
+   field of the spots' library per footprint superpixel: ``expm1(v) x L / 1e4``. The
+   shared consistency step then makes every measured footprint sum to its counts.
+
+Deterministic for a seed (the fold assignment is the only random draw).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from ..arrays import row_sums
+from ..errors import InputError
+from ..geometry import section_footprints
+from ..params import Interval, Options
+from .base import SuperpixelMethod, register_method
+from .baselines import _section_key
+from .field import KernelField, loo_bandwidth, pitch_um, spatial_folds
+
+#: what the image model is fitted to (see the module docstring)
+IMAGE_TARGETS = ("expression", "residual")
+#: chi2(1) 95% quantile: the out-of-fold evidence a gene's image part needs to get weight
+EVIDENCE = 3.84
+#: largest image weight (a ridge shrinks its predictions; the CV weight may undo some)
+MAX_W = 1.0
+#: ridge penalties tried by generalised cross-validation (features are z-scored)
+ALPHAS = np.logspace(-1, 5, 13)
+
+
+def _pcc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    from .. import metrics
+
+    return metrics.pcc_per_gene(a, b)
+
+
+def spot_table(section, fm, genes: list[str]) -> dict:
+    """Per measured spot with a footprint on the grid: position (um), log1p CP10k of the
+    fitted genes (library = all genes), library per footprint superpixel, and the mean of
+    its footprint superpixels' features (absent for a grid-only FeatureMap)."""
+    from .. import metrics
+
+    F = section_footprints(section, fm.grid)
+    n = np.diff(F.indptr)
+    keep = np.flatnonzero(n > 0)
+    if len(keep) < 3:
+        raise InputError(f"hybrid: section {section.name!r} has {len(keep)} spots on the "
+                         "superpixel grid; at least 3 are needed for a spatial field")
+    lib = row_sums(section.counts.X)[keep]
+    Y = metrics.log_cp10k(section.dense_counts(genes)[keep], lib).astype(np.float32)
+    out = {"xy_um": section.xy[keep] * float(fm.grid.um_per_px), "Y": Y,
+           "libdens": (lib / n[keep]).astype(np.float32)}
+    if fm.dim > 0:
+        Fk = F[keep]
+        uniq, inv = np.unique(Fk.indices, return_inverse=True)
+        r, c = fm.grid.unflat(uniq)
+        cells = fm.gather(r, c).astype(np.float64)
+        import scipy.sparse as sp
+
+        M = sp.csr_matrix((np.ones_like(inv, dtype=np.float64), inv, Fk.indptr),
+                          shape=(len(keep), len(uniq)))
+        M = sp.diags(1.0 / np.diff(M.indptr)) @ M
+        out["X"] = np.asarray(M @ cells, dtype=np.float32)
+    return out
+
+
+@register_method("hybrid")
+@dataclass
+class Hybrid(SuperpixelMethod):
+    """Spatial field + image residual with per-gene cross-validated weights (module
+    docstring). ``k``: spots in the kernel smoother; ``n_folds``: blocked CV folds;
+    ``block_pitches``: CV block side in spot pitches; ``shrink``: pull of each gene's image
+    weight toward the mean over genes (0 = none, 1 = one weight for all)."""
+
+    constraints: ClassVar[dict] = {
+        "k": Interval(int, 2), "n_folds": Interval(int, 2),
+        "block_pitches": Interval(float, 0, closed="neither"),
+        "shrink": Interval(float, 0, 1), "image_target": Options(*IMAGE_TARGETS)}
+
+    k: int = 32
+    n_folds: int = 5
+    block_pitches: float = 2.0
+    shrink: float = 0.3
+    image_target: str = "expression"
+
+    # -- fitting ----------------------------------------------------------------------------
+    def _fit(self, sections, features) -> None:
+        from sklearn.linear_model import RidgeCV
+
+        tables = [spot_table(s, fm, self.genes_) for s, fm in zip(sections, features)]
+        for t in tables:
+            t["h"], _ = loo_bandwidth(t["xy_um"], t["Y"], self.k)
+            t["pitch"] = pitch_um(t["xy_um"])
+        X = np.concatenate([t["X"] for t in tables])
+        self.feat_mean_ = X.mean(axis=0).astype(np.float32)
+        sd = X.std(axis=0)
+        self.feat_std_ = np.where(sd > 1e-6, sd, 1.0).astype(np.float32)
+        self.in_dim_ = int(X.shape[1])
+
+        def z(x):
+            return (x - self.feat_mean_) / self.feat_std_
+
+        residual = self.image_target == "residual"
+
+        def ridge(parts):
+            """Fit on [(table, rows)]: features -> expression, or -> residual against the
+            LOO field of the same rows."""
+            Xs, Rs = [], []
+            for t, rows in parts:
+                R = t["Y"][rows]
+                if residual:
+                    f = KernelField(t["xy_um"][rows], R, t["h"], self.k)
+                    R = R - f(t["xy_um"][rows], loo=True)
+                Rs.append(R)
+                Xs.append(z(t["X"][rows]))
+            return RidgeCV(alphas=ALPHAS).fit(np.concatenate(Xs), np.concatenate(Rs))
+
+        def detail(model, t, rows, at):
+            """The image part at spots ``at`` of table ``t`` when ``rows`` are measured."""
+            pred = model.predict(z(t["X"][at]))
+            if residual:
+                return pred - model.intercept_
+            own = model.predict(z(t["X"][rows]))  # the image model at the measured spots
+            return pred - KernelField(t["xy_um"][rows], own, t["h"], self.k)(t["xy_um"][at])
+
+        # out-of-fold field and image predictions on every spot (spatially blocked)
+        folds = [spatial_folds(t["xy_um"], self.n_folds, self.block_pitches * t["pitch"],
+                               self.seed + i) for i, t in enumerate(tables)]
+        Yo, Fo, Io = [], [], []
+        for k in range(self.n_folds):
+            train = [(t, np.flatnonzero(f != k)) for t, f in zip(tables, folds)]
+            train = [(t, r) for t, r in train if len(r) >= 3]
+            if not train:
+                continue
+            model = ridge(train)
+            for t, f in zip(tables, folds):
+                held, rest = np.flatnonzero(f == k), np.flatnonzero(f != k)
+                if len(held) == 0 or len(rest) < 3:
+                    continue
+                field = KernelField(t["xy_um"][rest], t["Y"][rest], t["h"], self.k)
+                Yo.append(t["Y"][held])
+                Fo.append(field(t["xy_um"][held]))
+                Io.append(detail(model, t, rest, held))
+        Yo, Fo, Io = (np.concatenate(a).astype(np.float64) for a in (Yo, Fo, Io))
+        E = Yo - Fo
+        num, den = (E * Io).sum(axis=0), (Io**2).sum(axis=0)
+        raw = np.clip(np.divide(num, den, out=np.zeros_like(num), where=den > 1e-12), 0, MAX_W)
+        # evidence: the share of the field's out-of-fold squared error the image part
+        # removes at its best weight (rho^2); with no signal n rho^2 ~ chi2(1), so the
+        # factor 1 - EVIDENCE / (n rho^2) gives weight only where it exceeds the chi2(1)
+        # 95% quantile, and tends to 1 as the evidence grows
+        rho2 = np.divide(num**2, den * (E**2).sum(axis=0), out=np.zeros_like(num),
+                         where=(den > 1e-12) & ((E**2).sum(axis=0) > 1e-12))
+        evidence = np.clip(1 - EVIDENCE / np.maximum(len(Yo) * rho2, 1e-12), 0, 1)
+        self.image_weight_ = (evidence * ((1 - self.shrink) * raw + self.shrink * raw.mean())
+                              ).astype(np.float32)
+        self.cv_pcc_interpolation_ = _pcc(Fo, Yo).astype(np.float32)
+        self.cv_pcc_ = _pcc(Fo + self.image_weight_ * Io, Yo).astype(np.float32)
+
+        final = ridge([(t, np.arange(len(t["Y"]))) for t in tables])
+        self.coef_ = np.asarray(final.coef_, dtype=np.float32).T.copy()  # (features, genes)
+        self.intercept_ = np.asarray(final.intercept_, dtype=np.float32).reshape(-1)
+        self.alpha_ = float(final.alpha_)
+        self.spots_ = {_section_key(s, fm.grid, self.genes_): self._field_state(t)
+                       for s, fm, t in zip(sections, features, tables)}
+
+    def _image(self, X: np.ndarray) -> np.ndarray:
+        """The image model on raw features (rows x genes)."""
+        out = ((X - self.feat_mean_) / self.feat_std_) @ self.coef_
+        return out if self.image_target == "residual" else out + self.intercept_
+
+    def _field_state(self, t: dict) -> dict:
+        """What the map needs from a section's spots: positions, bandwidth and the values
+        smoothed: the expression (for ``image_target="expression"`` minus ``w`` x the image
+        model at the spots: the smoother is linear, so field(Y) - w field(I) is one field)
+        and the library per superpixel."""
+        Y = t["Y"]
+        if self.image_target == "expression":
+            Y = Y - self.image_weight_ * self._image(t["X"])
+        return {"xy_um": t["xy_um"], "h": float(t["h"]),
+                "values": np.concatenate([Y, t["libdens"][:, None]], axis=1).astype(
+                    np.float32)}
+
+    def reliability(self):
+        """Per fitted gene: out-of-fold Pearson r of the hybrid and of the spatial field
+        alone, and the image weight (a DataFrame indexed by gene)."""
+        import pandas as pd
+
+        self.check_fitted()
+        return pd.DataFrame({"cv_pcc": self.cv_pcc_,
+                             "cv_pcc_interpolation": self.cv_pcc_interpolation_,
+                             "image_weight": self.image_weight_},
+                            index=pd.Index(self.genes_))
+
+    # -- prediction -------------------------------------------------------------------------
+    def _field_for(self, section, features) -> KernelField:
+        missing = [g for g in self.genes_ if g not in section.counts.var_names]
+        if missing:
+            raise InputError(f"hybrid interpolates the measured spots of the section it "
+                             f"predicts, but section {section.name!r} lacks fitted genes "
+                             f"{missing[:5]}")
+        s = self.spots_.get(_section_key(section, features.grid, self.genes_))
+        if s is None:  # another measured section: its own spots make the field
+            t = spot_table(section, features, self.genes_)
+            t["h"], _ = loo_bandwidth(t["xy_um"], t["Y"], self.k)
+            s = self._field_state(t)
+        return KernelField(s["xy_um"], s["values"], s["h"], self.k)
+
+    def _predict_cells(self, section, features, flat_cells: np.ndarray) -> np.ndarray:
+        if features.dim != self.in_dim_:
+            raise InputError(f"hybrid was fitted on {self.in_dim_}-d features but got a "
+                             f"{features.dim}-d FeatureMap (encoder {features.encoder!r}): "
+                             "use the encoder it was fitted with")
+        field = self._field_for(section, features)
+        grid = features.grid
+        G = len(self.genes_)
+        out = np.empty((len(flat_cells), G), dtype=np.float32)
+        chunk = max(1024, 2**24 // max(G, 1))
+        for a in range(0, len(flat_cells), chunk):
+            r, c = grid.unflat(np.asarray(flat_cells[a : a + chunk]))
+            fv = field(grid.xy_of_cells(r, c) * float(grid.um_per_px))
+            # field(Y) + w (image - field(image)) = field(Y - w image) + w image
+            v = fv[:, :G] + self.image_weight_ * self._image(features.gather(r, c))
+            out[a : a + chunk] = np.expm1(np.clip(v, 0, None)) * fv[:, G : G + 1] / 1e4
+        return out
+
+
+__all__ = ["Hybrid", "spot_table"]
