@@ -333,7 +333,8 @@ def preview(adata, gene: str, section=None, spots=None, zoom: bool = True,
 
     Panels: the H&E crop | the measured ``spots`` | the prediction (| the ``truth``: a
     superpixel AnnData on the same grid, for simulations), all but the H&E on the same
-    quantity and colour range (0 to the largest of their 99th percentiles): an 8 um map
+    quantity and colour range (0, or for log1p CP10k the smallest 1st percentile, to the
+    largest 99th percentile of measured and predicted values): an 8 um map
     (superpixel AnnData, counts) shows UMI per 8 um superpixel and each measured spot its
     counts divided by the number of superpixels in its footprint (what a consistent map
     averages to there); a log1p CP10k prediction is compared with the spots' log1p CP10k
@@ -365,9 +366,11 @@ def preview(adata, gene: str, section=None, spots=None, zoom: bool = True,
                 extra = f"; PCC with the 8 um truth {np.corrcoef(a, b)[0, 1]:.2f}"
     # the range comes from what is compared (a simulated truth is Poisson-noisy at 8 um:
     # its peaks would wash out both)
-    tops = [pv] + ([meas] if meas is not None else [])
-    vmax = max(float(np.nanpercentile(v, 99)) if np.isfinite(v).any() else 0.0 for v in tops)
-    norm = Normalize(0.0, vmax if vmax > 0 else 1.0)
+    tops = [v for v in ([pv] + ([meas] if meas is not None else [])) if np.isfinite(v).any()]
+    vmax = max([float(np.nanpercentile(v, 99)) for v in tops] + [0.0])
+    # counts start at 0; log1p CP10k of expressed genes sits far above it (ERBB2 ~3-5)
+    vmin = min(float(np.nanpercentile(v, 1)) for v in tops) if ctx.log and tops else 0.0
+    norm = Normalize(vmin, vmax if vmax > vmin else vmin + 1.0)
     unit = ctx.unit()
     x0, y0, x1, y1 = ctx.box
     show_zoom = bool(zoom and ctx.superpixel and ctx.he is not None)
@@ -464,7 +467,11 @@ def save_figure(fig, path: str | Path, dpi: int = 90, palette: bool = False,
         fig.set_dpi(dpi)
         fig.canvas.draw()
         rgb = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
-        rgb.quantize(256, method=Image.Quantize.FASTOCTREE).save(tmp, format="PNG")
+        q = rgb.quantize(256, method=Image.Quantize.FASTOCTREE)
+        pal = np.asarray(q.getpalette()[: 3 * 256], dtype=np.int32).reshape(-1, 3)
+        pal[pal.min(axis=1) >= 248] = 255  # the octree's near-white back to the page's white
+        q.putpalette(pal.astype(np.uint8).ravel().tolist())
+        q.save(tmp, format="PNG")
     else:
         fig.savefig(tmp, dpi=dpi, **kwargs)
     plt.close(fig)

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+_PACKAGE = Path(__file__).resolve().parent  # warnings raised from here are histosr's own
 #: metrics where lower is better (everything else: higher is better)
 LOWER_IS_BETTER = ("rmse", "mae", "mse", "seconds", "peak_rss", "time")
 #: rows of the per-gene table kept when printing
@@ -110,8 +111,9 @@ class RunReport:
             def record(message, category, filename, lineno, file=None, line=None):
                 text = str(message).strip().splitlines()[0] if str(message).strip() else \
                     category.__name__
-                origin = "histosr" if "histosr" in str(filename) else \
-                    Path(str(filename)).parent.name or "python"
+                where = Path(str(filename))
+                origin = "histosr" if where.resolve().is_relative_to(_PACKAGE) else \
+                    where.parent.name or "python"
                 item = {"message": text, "category": category.__name__, "origin": origin}
                 if item not in self.warnings:
                     self.warnings.append(item)
@@ -135,7 +137,8 @@ class RunReport:
         umi = row_sums(c.X) if c.n_vars else np.zeros(c.n_obs)
         detected = np.asarray((c.X > 0).sum(axis=1)).ravel() if c.n_vars else np.zeros(c.n_obs)
         src = section.meta.get("um_per_px_source") or (
-            getattr(section.image, "mpp_source", None) and "slide metadata") or "given"
+            getattr(section.image, "mpp_source", None) and "slide metadata") or \
+            "the reader (source not recorded)"
 
         def q(a, p: float) -> float:
             return float(np.percentile(a, p)) if len(a) else float("nan")
@@ -177,6 +180,7 @@ class RunReport:
         to its published default (the dataclass default), reduced ones flagged."""
         import dataclasses
 
+        from .benchmark.common import REDUCIBLE
         from .keys import jsonable
 
         tags = method.tags()
@@ -199,8 +203,8 @@ class RunReport:
                 continue
             d = jsonable(defaults.get(k, "-"))
             changed = k in defaults and d != v
-            reduced = changed and isinstance(v, (int, float)) and isinstance(d, (int, float)) \
-                and not isinstance(v, bool) and k in ("epochs", "n_states") and v < d
+            reduced = changed and k in REDUCIBLE and isinstance(v, (int, float)) \
+                and isinstance(d, (int, float)) and not isinstance(v, bool) and v < d
             self.settings.append({"parameter": k, "used": v, "published default": d,
                                   "status": "reduced" if reduced else "changed" if changed
                                   else ""})
@@ -291,7 +295,7 @@ def qc_figure(section, mask, path: Path) -> Path:
     fig = plt.figure(figsize=(10, 4.6))
     ax = fig.add_axes((0.01, 0.03, 0.52, 0.87))
     cax = fig.add_axes((0.545, 0.15, 0.013, 0.63))
-    hax = fig.add_axes((0.68, 0.13, 0.30, 0.74))
+    hax = fig.add_axes((0.73, 0.13, 0.25, 0.74))
     ax.imshow(thumb, extent=(x0, x1, y1, y0))
     if mask is not None:
         m = np.asarray(mask, dtype=float)  # superpixel row r is centred at (r + 0.5) * sp
