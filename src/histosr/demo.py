@@ -189,7 +189,7 @@ def _demo(rep, out: Path, seed: int, progress: bool) -> None:
         ("Run on a real section (her2st C2, legacy ST)",
          "histosr run configs/her2st_C2.yaml --out runs/C2"),
         ("Your own Visium data",
-         "histosr run configs/visium_mouse_brain.yaml --set section.path=PATH/TO/outs"),
+         "histosr run configs/visium_mouse_brain.yaml --set section.path=/absolute/path/to/outs"),
         ("Score methods on held-out spots (the benchmarks)",
          "histosr benchmark p4 --method istar --out bench/p4_istar"),
     ]
