@@ -177,8 +177,8 @@ def _demo(rep, out: Path, seed: int, progress: bool) -> None:
         f"How good it was: against the truth over {first['n_superpixels']:,} tissue "
         f"superpixels, iStar's maps reach PCC {ist['pcc']:.2f} (bilinear interpolation of the "
         f"spots {bil['pcc']:.2f}, nearest spot {nea['pcc']:.2f}, shuffled control "
-        f"{first['shuffled_pcc']:.2f}). Inside a spot, where the spots themselves show "
-        f"nothing, iStar reaches PCC {ist['top50_within_pcc']:.2f} against "
+        f"{round(first['shuffled_pcc'], 2) + 0.0:.2f}). Inside a spot, where the spots "
+        f"themselves show nothing, iStar reaches PCC {ist['top50_within_pcc']:.2f} against "
         f"{bil['top50_within_pcc']:.2f} for bilinear.",
         _by_kind(ist, bil),
     ]
