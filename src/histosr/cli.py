@@ -267,7 +267,7 @@ def _predict_image(args, method) -> int:
         info["pitch_um"] = float(args.pitch_um or 100.0)
     pred.uns["histosr"] = info
     out = Path(args.out)
-    p = write_h5ad(pred, out / "prediction.h5ad")
+    p = write_h5ad(pred, out / "prediction.h5ad", section=section)  # + scanpy uns["spatial"]
     show = _warn_unfitted(method, _genes_arg(args))
     if show:
         previews(pred, show, out / "previews", section=section)
@@ -302,7 +302,7 @@ def cmd_predict(args) -> int:
         warnings.warn(f"section {section.name!r} is one the model was fitted on: this prediction "
                       "is in-sample (use `histosr benchmark` for held-out scores)", stacklevel=2)
     out = Path(args.out)
-    p = write_h5ad(pred, out / "prediction.h5ad")
+    p = write_h5ad(pred, out / "prediction.h5ad", section=section)  # + scanpy uns["spatial"]
     if at == "superpixels":
         write_maps_from_anndata(pred, out / "maps.zarr")
     show = _warn_unfitted(method, _genes_arg(args))
@@ -448,6 +448,18 @@ def cmd_interactions(args) -> int:
             if v is not None}
     rep = run_on_folder(args.run_dir, out=args.out, **opts)
     print(f"report: {rep.out_dir / 'report.html'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import report_for_results
+
+    paths = [Path(r) for r in args.results]
+    for p in paths:
+        if not (p / "results.json" if p.is_dir() else p).is_file():
+            raise InputError(f"no results.json at {p}: pass the --out folder of a `histosr "
+                             "benchmark` run or its results.json")
+    print(f"report: {report_for_results(paths, args.out, title=args.title)}")
     return 0
 
 
@@ -655,6 +667,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-size", type=int, default=3, help="fewest measured genes per set")
     s.add_argument("--out", help="output folder (default RUN_DIR/enrich)")
     s.set_defaults(fn=cmd_enrich)
+
+    s = sub.add_parser("report", help="one HTML page for benchmark results: a method x "
+                       "metric table per protocol, the best of each column highlighted")
+    s.add_argument("results", nargs="+", help="results.json files or the folders holding them")
+    s.add_argument("--out", required=True, help="folder for report.html / report.json")
+    s.add_argument("--title", help="page title")
+    s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("doctor", help="check the install, devices, encoders and data")
     s.set_defaults(fn=cmd_doctor)

@@ -124,11 +124,12 @@ def plot_densified(dense, section, genes: list[str], path: str | Path) -> Path:
 
 
 def write_densified(dense, section, out_dir: str | Path, genes: list[str] | None = None) -> dict:
-    """Write ``out_dir/densified.h5ad`` and, with ``genes``, ``out_dir/densified.png``."""
+    """Write ``out_dir/densified.h5ad`` (with scanpy's ``uns["spatial"]``, spots drawn at the
+    section's spot diameter) and, with ``genes``, ``out_dir/densified.png``."""
     from .outputs import write_h5ad
 
     out_dir = Path(out_dir)
-    paths = {"h5ad": write_h5ad(dense, out_dir / "densified.h5ad")}
+    paths = {"h5ad": write_h5ad(dense, out_dir / "densified.h5ad", section=section)}
     if genes:
         paths["png"] = plot_densified(dense, section, genes, out_dir / "densified.png")
     return paths

@@ -1,4 +1,19 @@
-"""Writing predictions: AnnData (atomic), zarr gene maps streamed block by block."""
+"""Writing predictions: AnnData (atomic) in scanpy's spatial layout, zarr gene maps streamed
+block by block.
+
+Every AnnData histosr writes carries scanpy's / squidpy's spatial convention
+(:func:`add_spatial`), so ``sc.pl.spatial(adata, color=GENE)`` draws it over the H&E:
+``obsm["spatial"]`` (x = column, y = row, full-resolution px) and
+``uns["spatial"][library_id]`` with ``images`` (``hires``: longest side <= 2000 px,
+``lowres``: <= 600 px, made from the slide's thumbnail: low pyramid levels or a
+reduced-size JPEG decode, never the whole slide in memory) and ``scalefactors``
+(``tissue_hires_scalef``, ``tissue_lowres_scalef``: image px per full-resolution px;
+``spot_diameter_fullres``: the diameter of one observation in full-resolution px, the 8 um
+pitch for superpixels).
+
+Per-gene self-validation lives in ``var`` (:data:`HELDOUT_PCC`, :data:`HELDOUT_PCC_INTERP`):
+previews and the report read these columns when present and say "not validated" otherwise.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +26,78 @@ import numpy as np
 
 from .features.featuremap import create_zarr_array
 
+#: ``var`` column: per-gene Pearson r of the method at held-out measured spots (self-validation)
+HELDOUT_PCC = "heldout_pcc"
+#: ``var`` column: the same for interpolation of the measured spots (the baseline to beat)
+HELDOUT_PCC_INTERP = "heldout_pcc_interpolation"
+#: ``var`` column: per-gene Pearson r with the spots the model was fitted on (in sample)
+IN_SAMPLE_PCC = "in_sample_spot_pcc"
+HIRES_PX = 2000
+LOWRES_PX = 600
 
-def write_h5ad(adata, path: str | Path) -> Path:
-    """Write an AnnData atomically (temp file + rename)."""
+
+def spatial_images(image, hires: int = HIRES_PX, lowres: int = LOWRES_PX) -> dict:
+    """``{"hires": RGB uint8, "lowres": RGB uint8, "tissue_hires_scalef": s,
+    "tissue_lowres_scalef": s}`` for an :class:`~histosr.image.ImageSource`: thumbnails whose
+    longest side is at most ``hires`` / ``lowres`` px (never upsampled), and the factor
+    from full-resolution px to each (``1 / f`` of :func:`histosr.image.thumbnail_factor`)."""
+    from .image import thumbnail_factor
+
+    out = {}
+    for key, side in (("hires", hires), ("lowres", lowres)):
+        out[key] = np.ascontiguousarray(image.thumbnail(side), dtype=np.uint8)
+        out[f"tissue_{key}_scalef"] = 1.0 / thumbnail_factor(image.shape, side)
+    return out
+
+
+def is_superpixel(adata) -> bool:
+    """Whether ``adata`` holds 8 um superpixels (``obs`` row/col on ``uns["histosr"]``'s
+    ``grid_shape``) rather than spots."""
+    return ("row" in adata.obs and "col" in adata.obs
+            and "grid_shape" in adata.uns.get("histosr", {}))
+
+
+def observation_diameter_px(adata, section) -> float:
+    """Diameter of one observation in full-resolution px: the 8 um superpixel pitch for a
+    superpixel AnnData (``obs`` row/col), else ``uns["histosr"]["spot_diameter_um"]`` or
+    the section's spot diameter."""
+    info = adata.uns.get("histosr", {})
+    if is_superpixel(adata):
+        return float(info.get("superpixel_um", 8.0)) / float(section.um_per_px)
+    d = info.get("spot_diameter_um") or section.spot_diameter_um
+    return float(d) / float(section.um_per_px)
+
+
+def add_spatial(adata, section, library_id: str | None = None, images: dict | None = None,
+                spot_diameter_px: float | None = None):
+    """Give ``adata`` (observations at ``obsm["spatial"]``, full-resolution px of
+    ``section.image``) scanpy's ``uns["spatial"][library_id]`` (see the module docstring).
+    ``library_id``: default the section's name; ``images``: :func:`spatial_images` when
+    already made (several outputs of one section share them); ``spot_diameter_px``: default
+    :func:`observation_diameter_px`. Modifies and returns ``adata``."""
+    if "spatial" not in adata.obsm:
+        raise ValueError('add_spatial needs obsm["spatial"] (x, y full-resolution px)')
+    lib = str(library_id or section.name or "section")
+    im = images or spatial_images(section.image)
+    d = observation_diameter_px(adata, section) if spot_diameter_px is None else spot_diameter_px
+    meta = {"source_image_path": str(getattr(section.image, "path", None) or ""),
+            "um_per_px": float(section.um_per_px), "platform": str(section.platform)}
+    adata.uns["spatial"] = {lib: {
+        "images": {"hires": im["hires"], "lowres": im["lowres"]},
+        "scalefactors": {"tissue_hires_scalef": float(im["tissue_hires_scalef"]),
+                         "tissue_lowres_scalef": float(im["tissue_lowres_scalef"]),
+                         "spot_diameter_fullres": float(d),
+                         "microns_per_pixel": float(section.um_per_px)},
+        "metadata": meta}}
+    return adata
+
+
+def write_h5ad(adata, path: str | Path, section=None, images: dict | None = None) -> Path:
+    """Write an AnnData atomically (temp file + rename). With ``section`` (the section whose
+    image ``obsm["spatial"]`` refers to) and no ``uns["spatial"]`` yet, :func:`add_spatial`
+    is applied first (to ``adata`` itself), so scanpy draws the file over the H&E."""
+    if section is not None and "spatial" not in adata.uns:
+        add_spatial(adata, section, images=images)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.h5ad")

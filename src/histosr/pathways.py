@@ -587,7 +587,8 @@ class PipelineAnalysis:
             score_gene_sets(pred, self.gene_sets, c["method"], min_size=int(c["min_size"]))
             sets = self.gene_sets.restrict(pred.var_names, int(c["min_size"]))
             scores = scores_anndata(pred)
-            rep.outputs["pathways"] = str(write_h5ad(scores, out / "pathways.h5ad"))
+            rep.outputs["pathways"] = str(write_h5ad(scores, out / "pathways.h5ad",
+                                                     section=section))
             ref = measured_set_scores(section, sets)
             if "row" in pred.obs:
                 at_spots = spot_means(pred, section, scores.X)

@@ -98,9 +98,7 @@ def run(cfg: dict | RunConfig, out: str | Path | None = None,
         progress: bool = True) -> RunReport:
     """Run the pipeline for a config (dict or :class:`~histosr.config.RunConfig`); returns
     the written report."""
-    from . import train
-    from .keys import digest
-    from .methods.base import SUPERPIXEL, Method, get_method, section_record
+    from .methods.base import SUPERPIXEL, get_method
 
     rc = cfg if isinstance(cfg, RunConfig) else validate(cfg)
     out = Path(out or rc.out or "histosr_run")
@@ -116,7 +114,22 @@ def run(cfg: dict | RunConfig, out: str | Path | None = None,
     if method.kind == SUPERPIXEL:
         method.set_params(consistency=bool(mcfg.consistency))
     method.progress = bool(progress)
+    with rep.capture_warnings():  # every warning of the run goes into the report too
+        if not _stages(rep, rc, method, out, cache, progress):
+            return rep  # torchrun ranks > 0 only help training; rank 0 writes the outputs
+    rep.write()
+    return rep
 
+
+def _stages(rep: RunReport, rc: RunConfig, method, out: Path, cache: Path,
+            progress: bool) -> bool:
+    """The run's stages, recorded in ``rep``; False on torchrun ranks > 0 (they write
+    nothing)."""
+    from . import train
+    from .keys import digest
+    from .methods.base import SUPERPIXEL, Method, section_record
+
+    mcfg = rc.method
     with rep.stage("read"):
         section = read_section(rc.section.model_dump())
     rep.notes.append(repr(section))
@@ -147,14 +160,17 @@ def run(cfg: dict | RunConfig, out: str | Path | None = None,
                 method.save(model_dir)
                 (model_dir / "key.txt").write_text(key)
     if not train.is_main_process():
-        return rep  # torchrun ranks > 0 only help training; rank 0 writes the outputs
+        return False
     rep.outputs["model"] = str(model_dir)
+    rep.describe_method(method, encoder=rc.features.encoder if fm is not None and
+                        method.needs_features else None, genes=method.genes_)
+    rep.describe_section(section, mask=None if fm is None else fm.mask,
+                         n_fitted_genes=len(method.genes_))
     if method.kind == SUPERPIXEL:
         _superpixel_outputs(rep, method, section, fm, rc, out)
     else:
         _spot_outputs(rep, method, section, rc, out)
-    rep.write()
-    return rep
+    return True
 
 
 def _features(section, method, rc: RunConfig, cache: Path, progress: bool):
@@ -183,15 +199,33 @@ def _preview_genes(rc: RunConfig, genes: list[str]) -> list[str]:
 
 def _superpixel_outputs(rep, method, section, fm, rc: RunConfig, out: Path) -> None:
     from .metrics import log_cp10k, pcc_per_gene
-    from .outputs import write_h5ad, write_maps_from_anndata
+    from .outputs import IN_SAMPLE_PCC, spatial_images, write_h5ad, write_maps_from_anndata
     from .pl import previews
 
     with rep.stage("predict"):
         pred = method.predict(section, fm, at="superpixels")
         spots_pred = method.predict(section, fm, at="spots")
+    with rep.stage("score"):
+        # In-sample agreement with the measured spots, BEFORE the consistency step (which
+        # makes footprint sums equal the measurements by construction). Training spots:
+        # not held out. Both sides log1p CP10k over the fitted genes, each with its own
+        # library: composition, not library size (which the image model would otherwise
+        # get credit for).
+        raw = method.predict(section, fm, at="spots", consistency=False)
+        r = pcc_per_gene(log_cp10k(raw.X), log_cp10k(section.dense_counts(method.genes_)))
+        for a in (pred, spots_pred):
+            a.var[IN_SAMPLE_PCC] = np.asarray(r, dtype=np.float32)
+    rep.metrics["in_sample_spot_pcc_mean"] = float(np.mean(r))
+    rep.metrics["in_sample_spot_pcc_median"] = float(np.median(r))
+    rep.notes.append("in-sample metrics compare the image model's footprint sums (before "
+                     "consistency) with the spots it was fitted on; use `histosr benchmark` for "
+                     "held-out scores")
     with rep.stage("write"):
-        rep.outputs["prediction"] = str(write_h5ad(pred, out / "prediction.h5ad"))
-        rep.outputs["spots"] = str(write_h5ad(spots_pred, out / "prediction_spots.h5ad"))
+        images = spatial_images(section.image)  # scanpy's uns["spatial"], shared by both
+        rep.outputs["prediction"] = str(write_h5ad(pred, out / "prediction.h5ad",
+                                                   section=section, images=images))
+        rep.outputs["spots"] = str(write_h5ad(spots_pred, out / "prediction_spots.h5ad",
+                                              section=section, images=images))
         rep.outputs["maps"] = str(write_maps_from_anndata(pred, out / "maps.zarr"))
         if rc.outputs.spatialdata:
             from .io import write_spatialdata
@@ -200,22 +234,12 @@ def _superpixel_outputs(rep, method, section, fm, rc: RunConfig, out: Path) -> N
                                                                section, pred))
         rep.outputs["n_superpixels"] = int(pred.n_obs)
         rep.outputs["n_genes"] = int(pred.n_vars)
-    # In-sample agreement with the measured spots, BEFORE the consistency step (which makes
-    # footprint sums equal the measurements by construction). Training spots: not held out.
-    raw = method.predict(section, fm, at="spots", consistency=False)
-    # both sides log1p CP10k over the fitted genes, each with its own library: composition,
-    # not library size (which the image model would otherwise get credit for)
-    r = pcc_per_gene(log_cp10k(raw.X), log_cp10k(section.dense_counts(method.genes_)))
-    rep.metrics["in_sample_spot_pcc_mean"] = float(np.mean(r))
-    rep.metrics["in_sample_spot_pcc_median"] = float(np.median(r))
-    rep.notes.append("in-sample metrics compare the image model's footprint sums (before "
-                     "consistency) with the spots it was fitted on; use `histosr benchmark` for "
-                     "held-out scores")
     _self_validation(rep, method, out)
     with rep.stage("previews"):
         show = _preview_genes(rc, method.genes_)
         spots = section.counts[:, show].copy() if show else None
         rep.images += previews(pred, show, out / "previews", section=section, spots=spots)
+    _describe_results(rep, method, section, pred, out, show, superpixels=True)
     from . import interactions
 
     rc.analysis.pathways().run(pred, spots_pred, section, out, rep)  # pathway maps, ORA
@@ -232,31 +256,35 @@ def _self_validation(rep, method, out: Path) -> None:
 
     _atomic_write(out / "reliability.tsv", rel.to_csv(sep="\t", float_format="%.4f"))
     rep.outputs["reliability"] = str(out / "reliability.tsv")
-    rep.metrics["cv_pcc_mean"] = float(rel["cv_pcc"].mean())
-    if "cv_pcc_interpolation" in rel:
-        better = rel["cv_pcc"] > rel["cv_pcc_interpolation"] + 0.01
-        rep.metrics["cv_pcc_interpolation_mean"] = float(rel["cv_pcc_interpolation"].mean())
+    from .outputs import HELDOUT_PCC, HELDOUT_PCC_INTERP
+
+    rep.metrics["heldout_pcc_mean"] = float(rel[HELDOUT_PCC].mean())
+    if HELDOUT_PCC_INTERP in rel:
+        better = rel[HELDOUT_PCC] > rel[HELDOUT_PCC_INTERP] + 0.01
+        rep.metrics["heldout_pcc_interpolation_mean"] = float(rel[HELDOUT_PCC_INTERP].mean())
         rep.metrics["genes_better_than_interpolation"] = int(better.sum())
         rep.notes.append(
             f"self-validation (spatially blocked folds of the measured spots): "
             f"{int(better.sum())} of {len(rel)} genes predicted better than interpolating the "
-            "spots (cv_pcc > cv_pcc_interpolation + 0.01); per gene in reliability.tsv and in "
-            "var of the predictions; the other genes' maps are the spatial field")
+            "spots (heldout_pcc > heldout_pcc_interpolation + 0.01); per gene in "
+            "reliability.tsv and in var of the predictions")
 
 
 def _spot_outputs(rep, method, section, rc: RunConfig, out: Path) -> None:
     from .methods.spot import spot_targets
     from .metrics import pcc_per_gene
-    from .outputs import write_h5ad
+    from .outputs import IN_SAMPLE_PCC, write_h5ad
     from .pl import previews
 
     with rep.stage("predict"):
         spots_pred = method.predict(section)
+    r = pcc_per_gene(spots_pred.X, spot_targets(section, method.genes_))
+    spots_pred.var[IN_SAMPLE_PCC] = np.asarray(r, dtype=np.float32)
     with rep.stage("write"):
-        rep.outputs["spots"] = str(write_h5ad(spots_pred, out / "prediction_spots.h5ad"))
+        rep.outputs["spots"] = str(write_h5ad(spots_pred, out / "prediction_spots.h5ad",
+                                              section=section))
         rep.outputs["n_spots"] = int(spots_pred.n_obs)
         rep.outputs["n_genes"] = int(spots_pred.n_vars)
-    r = pcc_per_gene(spots_pred.X, spot_targets(section, method.genes_))
     rep.metrics["in_sample_spot_pcc_mean"] = float(np.mean(r))
     rep.metrics["in_sample_spot_pcc_median"] = float(np.median(r))
     rep.notes.append(
@@ -268,9 +296,45 @@ def _spot_outputs(rep, method, section, rc: RunConfig, out: Path) -> None:
         show = _preview_genes(rc, method.genes_)
         rep.images += previews(spots_pred, show, out / "previews", section=section,
                                spots=section.counts[:, show].copy() if show else None)
+    _describe_results(rep, method, section, spots_pred, out, show, superpixels=False)
     if rc.analysis.interactions:
         rep.notes.append("analysis.interactions compares the measured spots with a "
                          "super-resolved map: not run for a spot-level method")
+
+
+def _describe_results(rep, method, section, pred, out: Path, shown: list[str],
+                      superpixels: bool) -> None:
+    """The report's summary, per-gene table and next steps for a finished prediction."""
+    from .report import gene_table, next_steps
+
+    rows, validated = gene_table(pred.var, section, shown)
+    rep.genes = rows
+    what = (f"{pred.n_obs:,} tissue superpixels of 8 um" if superpixels
+            else f"its {pred.n_obs:,} spots (log1p CP10k per spot)")
+    cons = ", consistency on" if getattr(method, "consistency", False) else ""
+    rep.summary.append(
+        f"{method.name} ({method.kind}) predicted {len(method.genes_):,} genes of section "
+        f"{section.name!r} ({section.platform}, {section.n_spots:,} spots of "
+        f"{section.spot_diameter_um:g} um, {section.um_per_px:.3f} um/px) at {what}{cons}.")
+    ins = rep.metrics.get("in_sample_spot_pcc_mean")
+    if validated:
+        rep.summary.append(validated)
+    else:
+        rep.gene_note = (
+            "Not validated: this run has no held-out per-gene score (var['heldout_pcc'] is "
+            "absent), so nothing here says which maps are accurate. The in-sample PCC compares "
+            "the prediction with the very spots it was fitted on"
+            + (" (before consistency)" if superpixels else "") + ".")
+        rep.summary.append(
+            "Accuracy: not validated on held-out spots in this run. In-sample agreement with "
+            f"the fitted spots (not a measure of accuracy): mean PCC {ins:.2f} over "
+            f"{len(rows):,} genes. Held-out scores: `histosr benchmark "
+            f"{'p2' if superpixels else 'p1'} --method {method.name}`.")
+    gene = shown[0] if shown else (method.genes_[0] if method.genes_ else "GENE")
+    files = {"prediction": out / ("prediction.h5ad" if superpixels else
+                                  "prediction_spots.h5ad"),
+             "model": out / "model", "spatialdata": rep.outputs.get("spatialdata")}
+    rep.next_steps = next_steps(files, gene, method.name, superpixels)
 
 
 # -- cohorts: one pipeline run per section, on Dask -------------------------------------------
