@@ -60,7 +60,7 @@ def test_hybrid_uses_the_image_only_where_it_carries_the_gene(syn):
     assert list(rel.index) == genes
     assert rel.loc[vis, "image_weight"].mean() > rel.loc[grad, "image_weight"].mean() + 0.1
     # self-validation ranks the genes where the image helps: cv gain larger on VIS genes
-    gain = rel["cv_pcc"] - rel["cv_pcc_interpolation"]
+    gain = rel["heldout_pcc"] - rel["heldout_pcc_interpolation"]
     assert gain[vis].mean() > gain[grad].mean() + 0.03, (gain[vis], gain[grad])
 
 

@@ -205,7 +205,8 @@ class Method:
 
     def reliability(self) -> pd.DataFrame | None:
         """Per fitted gene, the method's own held-out estimate of how well it predicts
-        (a DataFrame indexed by gene, e.g. ``cv_pcc`` and ``cv_pcc_interpolation``), or
+        (a DataFrame indexed by gene: :data:`histosr.outputs.HELDOUT_PCC` and
+        :data:`~histosr.outputs.HELDOUT_PCC_INTERP`), or
         None for methods that do not validate themselves. Predictions carry it in ``var``."""
         return None
 

@@ -24,10 +24,11 @@ Algorithm (all on log1p CP10k of each spot's own library, the scale the protocol
    error the image part removes over ``n`` spots; with no signal ``n rho^2`` is chi2(1), so
    a gene gets image weight only where that share is significant at ~5 %). Where the image does not help
    a gene, ``w`` is ~0 and the method returns the spatial field. The same folds give each gene's self-validation:
-   out-of-fold Pearson r of the field alone (``cv_pcc_interpolation``) and of the hybrid
-   (``cv_pcc``); blocked folds put held-out spots farther from the measured ones than a
-   prediction usually is, so both are conservative, and ``cv_pcc`` reuses the folds that
-   chose ``w`` (slightly optimistic for it).
+   out-of-fold Pearson r of the field alone (``var["heldout_pcc_interpolation"]`` of its
+   predictions) and of the hybrid (``var["heldout_pcc"]``); blocked folds put held-out
+   spots farther from the measured ones than a prediction usually is, so both are
+   conservative, and ``heldout_pcc`` reuses the folds that chose ``w`` (slightly optimistic
+   for it).
 4. **8 um map.** At each superpixel: the field at its centre plus ``w`` x the ridge on its
    own features (the within-spot detail), turned into counts per superpixel with the
    field of the spots' library per footprint superpixel: ``expm1(v) x L / 1e4``. The
@@ -220,8 +221,10 @@ class Hybrid(SuperpixelMethod):
         import pandas as pd
 
         self.check_fitted()
-        return pd.DataFrame({"cv_pcc": self.cv_pcc_,
-                             "cv_pcc_interpolation": self.cv_pcc_interpolation_,
+        from ..outputs import HELDOUT_PCC, HELDOUT_PCC_INTERP
+
+        return pd.DataFrame({HELDOUT_PCC: self.cv_pcc_,
+                             HELDOUT_PCC_INTERP: self.cv_pcc_interpolation_,
                              "image_weight": self.image_weight_},
                             index=pd.Index(self.genes_))
 
