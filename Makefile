@@ -22,7 +22,7 @@ demo: install
 	$(VENV)/bin/histosr demo --out demo_out
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider --durations=30 tests
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --durations=30 tests
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
