@@ -110,3 +110,20 @@ def test_bad_parameters_are_named(name):
     m = hs.get_method(name)
     with pytest.raises(ParameterError, match="'seed' parameter"):
         m.set_params(seed="one")
+
+
+def test_public_api_is_discoverable():
+    """``dir(histosr)`` lists the verbs and readers, and the README's method table names
+    every registered method with its kind."""
+    from pathlib import Path
+
+    for name in ("read", "read_visium", "read_her2st", "read_xenium", "read_hest", "pp", "tl",
+                 "pl", "fit", "predict", "features", "get_method", "available_methods",
+                 "load_method"):
+        assert name in dir(hs), name
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("## Methods", 1)[1].split("\n\n", 2)[1]
+    for name in METHODS:
+        row = next((line for line in table.splitlines() if f"`{name}`" in line), None)
+        assert row is not None, f"README method table lacks {name}"
+        assert f"| {hs.get_method(name).tags()['kind']} |" in row, row
