@@ -161,6 +161,11 @@ def test_zarr_output_reloads_and_is_reused(tmp_path, monkeypatch):
     assert again.n_nuclei == 12
     with pytest.raises(InputError, match="not a segmentation folder"):
         Segmentation.load(tmp_path)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match="exists and is not a segmentation folder"):
+        segment(img, 0.5, out=tmp_path / "mine", tissue=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 def test_resolution_and_nuclei_per_spot():

@@ -76,6 +76,16 @@ def test_cells_anndata_layout_and_counts_per_spot(small):
     assert c.obs["scaled_to_spot"].to_numpy().sum() == (~out).sum()
 
 
+def test_bins_smaller_than_cells_are_not_scaled_to(small):
+    import dataclasses
+
+    sec, pred, seg = small
+    bins = dataclasses.replace(sec, spot_diameter_um=8.0)  # as Visium HD 8 um bins
+    c = cells_anndata(pred, seg, bins)
+    assert not c.obs["scaled_to_spot"].any()
+    assert "smaller than a cell" in c.uns["histosr"]["cells"]["not_scaled"]
+
+
 def test_scale_to_spots_by_hand():
     X = np.array([[1.0, 0.0], [3.0, 0.0], [2.0, 5.0]])
     spot = np.array([0, 0, -1])

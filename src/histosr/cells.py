@@ -207,9 +207,11 @@ def aggregate_cells(pred, segmentation, *, um_per_px: float | None = None, sub: 
         centroids = np.array([polygon_centroid(p) for p in polys]).reshape(-1, 2)
     area_sp = np.asarray(weights.sum(axis=1)).ravel()
     flat = np.asarray(pred.obs["row"], np.int64) * W + np.asarray(pred.obs["col"], np.int64)
-    X = dense(pred.X)
     Wp = weights[:, flat]  # cells x predicted superpixels
-    counts = np.asarray(Wp @ X.astype(np.float64), dtype=np.float32)
+    # float64 sums, 128 genes at a time: a whole-slide prediction is never copied whole
+    counts = np.empty((Wp.shape[0], pred.n_vars), dtype=np.float32)
+    for g0 in range(0, pred.n_vars, 128):
+        counts[:, g0:g0 + 128] = Wp @ dense(pred.X[:, g0:g0 + 128])
     covered = np.asarray(Wp.sum(axis=1)).ravel()
     obs = pd.DataFrame({"area_um2": area_sp * SP_UM**2,
                         "covered_frac": np.divide(covered, area_sp, out=np.zeros_like(covered),

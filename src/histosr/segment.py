@@ -420,13 +420,14 @@ def segment(source, um_per_px: float | None = None, *, out: str | os.PathLike | 
             "label_um_per_px": LABEL_UM_PER_PX}
     key = segmentation_key(image, um, info)
     info["key"] = key
-    if out is not None and Path(out).is_dir():
+    if out is not None and Path(out).exists():
         try:
             old = Segmentation.load(out)
-            if old.info.get("key") == key:
-                return old
         except InputError:
-            pass
+            raise InputError(f"{out} exists and is not a segmentation folder: histosr "
+                             "overwrites only its own output; choose another out") from None
+        if old.info.get("key") == key:
+            return old
     fn = make_segmenter(segmenter, **params)
     if isinstance(tissue, np.ndarray):
         mask = np.asarray(tissue, bool)

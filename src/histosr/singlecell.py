@@ -6,7 +6,8 @@ superpixels it covers (:func:`histosr.cells.aggregate_cells`), i.e. counts in th
 With a section whose spots were measured, the counts are then scaled per spot and gene so
 that the cells of each measured spot (centroid inside its footprint) sum to its measured
 counts (``scale_to_spots``; a gene predicted 0 in every cell of a spot that measured it gets
-the spot's counts split by cell area). Cells outside every spot keep the prediction.
+the spot's counts split by cell area). Cells outside every spot keep the prediction; spots
+smaller than a cell (Visium HD bins, < 25 um) are not used for scaling.
 
 The AnnData (:func:`cells_anndata`): ``X`` counts per cell (float32); ``obs``: ``label`` (the
 cell's label in the segmentation), ``area_um2``, ``covered_frac`` (part of the cell on
@@ -39,6 +40,11 @@ from .segment import LABEL_UM_PER_PX, TABLE_COLUMNS, Segmentation
 OPTIONS = {"segmenter": "classical", "params": {}, "expand_um": 15.0, "tile_um": 512.0,
            "margin_um": 32.0, "scale_to_spots": True, "previews": None}
 MORPHOLOGY = {"area_um2": "nucleus_area_um2", **{c: c for c in TABLE_COLUMNS[3:]}}
+#: spots smaller than this (Visium HD bins, Xenium cells) hold parts of cells, not cells:
+#: the cells are not scaled to them
+MIN_SCALE_SPOT_UM = 25.0
+#: most spots compared with the classical nuclei counter (a seeded sample beyond)
+DENSITY_CHECK_SPOTS = 500
 
 
 def options(setting) -> dict | None:
@@ -181,7 +187,11 @@ def cells_anndata(pred, seg: Segmentation, section=None, *, scale_to_spots: bool
                                  if len(ids) else np.full(len(labels), ""))
     X = np.asarray(cells.X, np.float32)
     scaled = np.zeros(len(labels), bool)
-    if scale_to_spots and section is not None and section.n_spots:
+    if scale_to_spots and section is not None and section.n_spots and \
+            section.spot_diameter_um < MIN_SCALE_SPOT_UM:
+        info["not_scaled"] = (f"spots of {section.spot_diameter_um:g} um are smaller than a "
+                              "cell: cells are not scaled to them")
+    elif scale_to_spots and section is not None and section.n_spots:
         genes = [g for g in cells.var_names if g in section.counts.var_names]
         if genes:
             gi = cells.var_names.get_indexer(genes)
@@ -209,16 +219,19 @@ def cells_anndata(pred, seg: Segmentation, section=None, *, scale_to_spots: bool
 def density_check(seg: Segmentation, section) -> dict:
     """Nuclei per spot of the segmentation (centroids in the spot disk) against the
     classical nuclei counter of :mod:`histosr.nuclei` (square crops of the spot diameter):
-    Pearson r over the spots."""
+    Pearson r over the spots (at most :data:`DENSITY_CHECK_SPOTS`, a seeded sample)."""
     from .nuclei import count_nuclei
     from .segment import nuclei_per_spot
 
     if section is None or section.n_spots < 3:
         return {}
-    a = nuclei_per_spot(seg, section).astype(np.float64)
-    b = count_nuclei(section).astype(np.float64)
+    idx = np.arange(section.n_spots)
+    if len(idx) > DENSITY_CHECK_SPOTS:  # the counter reads one crop per spot
+        idx = np.sort(np.random.default_rng(0).choice(idx, DENSITY_CHECK_SPOTS, replace=False))
+    a = nuclei_per_spot(seg, section)[idx].astype(np.float64)
+    b = count_nuclei(section, section.xy[idx]).astype(np.float64)
     r = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else 0.0
-    return {"nuclei_per_spot_vs_classical_r": round(r, 4),
+    return {"nuclei_per_spot_vs_classical_r": round(r, 4), "density_check_spots": len(idx),
             "nuclei_per_spot_mean": round(float(a.mean()), 2),
             "classical_count_per_spot_mean": round(float(b.mean()), 2)}
 
