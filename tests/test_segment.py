@@ -52,6 +52,10 @@ def planted():
                     progress=False)  # 128 px tiles: 9 tiles, many nuclei on their borders
     whole = segment(img, 0.5, tile_um=400, margin_um=12, expand_um=5, tissue=False,
                     progress=False)
+    threads = segment(img, 0.5, tile_um=64, margin_um=12, expand_um=5, tissue=False,
+                      progress=False, n_jobs=3)  # tiles on threads: the same result
+    assert np.array_equal(np.asarray(threads.nuclei), np.asarray(tiled.nuclei))
+    assert threads.table.equals(tiled.table)
     return cs, img, tiled, whole
 
 

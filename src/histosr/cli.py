@@ -417,7 +417,8 @@ def cmd_cells(args) -> int:
     res = cells_for_run(args.run_dir, out=args.out, segmenter=args.segmenter,
                         params=parse_assignments(args.segmenter_option),
                         expand_um=args.expand_um, scale_to_spots=args.scale_to_spots,
-                        genes=_genes_arg(args) or None, progress=not args.quiet)
+                        genes=_genes_arg(args) or None, n_jobs=args.jobs,
+                        progress=not args.quiet)
     keep = ("n_cells", "n_genes", "segmentation_seconds", "seconds", "peak_rss_mb",
             "median_cell_area_um2", "nuclei_per_spot_vs_classical_r", "cells", "previews")
     print(json.dumps({k: res[k] for k in keep if k in res}))
@@ -638,6 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale-to-spots", action=argparse.BooleanOptionalAction, default=True,
                    help="scale the cells of each measured spot to its measured counts")
     s.add_argument("--genes", help="comma-separated genes drawn (default: the run's previews)")
+    s.add_argument("--jobs", type=int, default=1,
+                   help="tiles segmented at once, on threads (classical segmenter)")
     s.add_argument("--out", help="output folder (default RUN_DIR/cells)")
     s.set_defaults(fn=cmd_cells)
 

@@ -392,7 +392,7 @@ def segmentation_key(image, um: float, info: dict) -> str:
 def segment(source, um_per_px: float | None = None, *, out: str | os.PathLike | None = None,
             segmenter: str = "classical", expand_um: float = 15.0, tile_um: float = 512.0,
             margin_um: float = 32.0, tissue: bool | np.ndarray = True, progress: bool = True,
-            **params) -> Segmentation:
+            n_jobs: int = 1, **params) -> Segmentation:
     """Segment nuclei and cells on the H&E, tile by tile (see the module docstring).
 
     ``source``: a Section (its image, pixel size and tissue mask), an ImageSource, an image
@@ -403,8 +403,10 @@ def segment(source, um_per_px: float | None = None, *, out: str | os.PathLike | 
     are the nuclei). ``tile_um`` / ``margin_um``: tile core side and overlap (the margin must
     exceed the widest nucleus). ``tissue``: only tiles on tissue are segmented (``True``:
     the detected tissue; or a bool mask on the 8 um grid; ``False``: every tile).
+    ``n_jobs``: tiles segmented at once on threads (classical segmenter; the result does
+    not depend on it).
     """
-    from .keys import jsonable
+    from .keys import digest, jsonable
 
     for name, v, lo in (("expand_um", expand_um, 0.0), ("tile_um", tile_um, 16.0),
                         ("margin_um", margin_um, 2.0)):
@@ -415,7 +417,8 @@ def segment(source, um_per_px: float | None = None, *, out: str | os.PathLike | 
     grid = Grid(um, tuple(int(v) for v in image.shape[:2]))
     info = {"segmenter": segmenter, "params": jsonable(params), "expand_um": float(expand_um),
             "tile_um": float(tile_um), "margin_um": float(margin_um),
-            "tissue": "mask" if isinstance(tissue, np.ndarray) else bool(tissue),
+            "tissue": f"mask {digest(np.asarray(tissue, bool))}"
+            if isinstance(tissue, np.ndarray) else bool(tissue),
             "version": VERSION, "um_per_px": um, "image_shape": list(grid.image_shape),
             "label_um_per_px": LABEL_UM_PER_PX}
     key = segmentation_key(image, um, info)
@@ -458,7 +461,8 @@ def segment(source, um_per_px: float | None = None, *, out: str | os.PathLike | 
 
     tiles = [(y0, x0) for y0 in range(0, H, tile) for x0 in range(0, W, tile)
              if mask is None or _on_tissue(mask, y0, x0, tile, margin)]
-    table = _pass_nuclei(fn, image, um, nuclei, tiles, tile, margin, grid.scale, progress)
+    table = _pass_nuclei(fn, image, um, nuclei, tiles, tile, margin, grid.scale, progress,
+                         n_jobs=int(n_jobs) if segmenter == "classical" else 1)
     _pass_cells(nuclei, cells, tiles, tile, float(expand_um), progress)
     info["n_nuclei"] = int(len(table))
     if root is None:
@@ -477,33 +481,72 @@ def _on_tissue(mask: np.ndarray, y0: int, x0: int, tile: int, margin: int) -> bo
     return bool(mask[r0:r1, c0:c1].any())
 
 
-def _pass_nuclei(fn, image, um: float, nuclei, tiles, tile: int, margin: int, scale: float,
-                 progress: bool) -> pd.DataFrame:
-    """Pass 1: segment each tile with its margin, keep the nuclei it owns, write them."""
-    from tqdm.auto import tqdm
-
+def _segment_tile(fn, image, um: float, y0: int, x0: int, tile: int, margin: int, H: int,
+                  W: int):
+    """Read one tile with its margin and segment it: (ya, xa, labels, table of the nuclei
+    it owns, their centroids cy, cx in global label px), or None without any."""
     from .nuclei import hematoxylin_od
+
+    ya, xa = y0 - margin, x0 - margin
+    h = min(y0 + tile, H) - y0 + 2 * margin
+    w = min(x0 + tile, W) - x0 + 2 * margin
+    rgb = read_calibrated(image, um, ya, xa, h, w)
+    lab = np.asarray(fn(rgb))
+    if lab.shape != (h, w):
+        raise InputError(f"the segmenter returned labels of shape {lab.shape} for a tile of "
+                         f"{(h, w)} px")
+    if not lab.any():
+        return None
+    m = measure_nuclei(lab, hematoxylin_od(rgb))
+    cy, cx = m["cy"].to_numpy() + ya, m["cx"].to_numpy() + xa  # label px, global
+    own = (cy >= y0) & (cy < min(y0 + tile, H)) & (cx >= x0) & (cx < min(x0 + tile, W))
+    if not own.any():
+        return None
+    return ya, xa, lab, m[own], cy[own], cx[own]
+
+
+def _tile_results(work, tiles, n_jobs: int):
+    """``work(y0, x0)`` for every tile, in tile order; with ``n_jobs`` > 1 on a thread pool
+    (the numpy / scipy steps release the GIL) with at most 2 x n_jobs tiles in flight, so
+    memory stays bounded and the output does not depend on ``n_jobs``."""
+    if n_jobs <= 1:
+        for y0, x0 in tiles:
+            yield work(y0, x0)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(n_jobs) as ex:
+        pending: deque = deque()
+        it = iter(tiles)
+        for y0, x0 in it:
+            pending.append(ex.submit(work, y0, x0))
+            if len(pending) >= 2 * n_jobs:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _pass_nuclei(fn, image, um: float, nuclei, tiles, tile: int, margin: int, scale: float,
+                 progress: bool, n_jobs: int = 1) -> pd.DataFrame:
+    """Pass 1: segment each tile with its margin, keep the nuclei it owns, write them (in
+    tile order, whatever ``n_jobs``)."""
+    from tqdm.auto import tqdm
 
     H, W = nuclei.shape
     next_id = 0
     parts = []
-    for y0, x0 in tqdm(tiles, desc="nuclei", unit="tile", disable=not progress):
-        ya, xa = y0 - margin, x0 - margin
-        h = min(y0 + tile, H) - y0 + 2 * margin
-        w = min(x0 + tile, W) - x0 + 2 * margin
-        rgb = read_calibrated(image, um, ya, xa, h, w)
-        lab = np.asarray(fn(rgb))
-        if lab.shape != (h, w):
-            raise InputError(f"the segmenter returned labels of shape {lab.shape} for a tile "
-                             f"of {(h, w)} px")
-        if not lab.any():
+
+    def work(y0, x0):
+        return _segment_tile(fn, image, um, y0, x0, tile, margin, H, W)
+
+    results = _tile_results(work, tiles, n_jobs)
+    for res in tqdm(results, total=len(tiles), desc="nuclei", unit="tile",
+                    disable=not progress):
+        if res is None:
             continue
-        m = measure_nuclei(lab, hematoxylin_od(rgb))
-        cy, cx = m["cy"].to_numpy() + ya, m["cx"].to_numpy() + xa  # label px, global
-        own = (cy >= y0) & (cy < min(y0 + tile, H)) & (cx >= x0) & (cx < min(x0 + tile, W))
-        if not own.any():
-            continue
-        m, cy, cx = m[own], cy[own], cx[own]
+        ya, xa, lab, m, cy, cx = res
+        h, w = lab.shape
         # the written region: this tile and its margin, inside the image
         ra, xa2 = max(ya, 0), max(xa, 0)
         rb, xb2 = min(ya + h, H), min(xa + w, W)

@@ -38,7 +38,7 @@ from .segment import LABEL_UM_PER_PX, TABLE_COLUMNS, Segmentation
 
 #: options of ``outputs.cells`` in a run config and of :func:`run_cells`
 OPTIONS = {"segmenter": "classical", "params": {}, "expand_um": 15.0, "tile_um": 512.0,
-           "margin_um": 32.0, "scale_to_spots": True, "previews": None}
+           "margin_um": 32.0, "scale_to_spots": True, "previews": None, "n_jobs": 1}
 MORPHOLOGY = {"area_um2": "nucleus_area_um2", **{c: c for c in TABLE_COLUMNS[3:]}}
 #: spots smaller than this (Visium HD bins, Xenium cells) hold parts of cells, not cells:
 #: the cells are not scaled to them
@@ -67,6 +67,10 @@ def options(setting) -> dict | None:
         raise InputError(f"outputs.cells.params must be a mapping of segmenter parameters, "
                          f"got {opts['params']!r}")
     check_segmenter(str(opts["segmenter"]), opts["params"])
+    if isinstance(opts["n_jobs"], bool) or not isinstance(opts["n_jobs"], int) or \
+            opts["n_jobs"] < 1:
+        raise InputError(f"outputs.cells.n_jobs must be an integer >= 1 (threads), got "
+                         f"{opts['n_jobs']!r}")
     for k, lo in (("expand_um", 0.0), ("tile_um", 16.0), ("margin_um", 2.0)):
         v = opts[k]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= lo:
@@ -336,7 +340,8 @@ def run_cells(pred, section, out, opts: dict | None = None, genes=None,
     t0 = time.perf_counter()
     seg = segment(section, out=out / "segmentation.zarr", segmenter=opts["segmenter"],
                   expand_um=float(opts["expand_um"]), tile_um=float(opts["tile_um"]),
-                  margin_um=float(opts["margin_um"]), progress=progress, **opts["params"])
+                  margin_um=float(opts["margin_um"]), progress=progress,
+                  n_jobs=int(opts["n_jobs"]), **opts["params"])
     t_seg = time.perf_counter() - t0
     cells = cells_anndata(pred, seg, section, scale_to_spots=bool(opts["scale_to_spots"]))
     path = write_h5ad(cells, out / "cells.h5ad")
@@ -368,7 +373,7 @@ def run_cells(pred, section, out, opts: dict | None = None, genes=None,
 
 def cells_for_run(run_dir, out=None, *, segmenter: str = "classical", params=None,
                   expand_um: float = 15.0, scale_to_spots: bool = True, genes=None,
-                  progress: bool = True) -> dict:
+                  n_jobs: int = 1, progress: bool = True) -> dict:
     """``histosr cells RUN_DIR``: the cells of a finished run (its ``prediction.h5ad`` and the
     section re-read from ``report.json``), written into ``out`` (default ``RUN_DIR/cells``)
     with ``report.html``/``report.json``; the run folder is otherwise only read."""
@@ -387,7 +392,7 @@ def cells_for_run(run_dir, out=None, *, segmenter: str = "classical", params=Non
                          "(8 um prediction); spot-level methods predict whole spots only")
     opts = options({"segmenter": segmenter, "params": dict(params or {}),
                     "expand_um": expand_um, "scale_to_spots": scale_to_spots,
-                    "previews": list(genes) if genes else None})
+                    "previews": list(genes) if genes else None, "n_jobs": int(n_jobs)})
     params_run = json.loads(rep_path.read_text()).get("params", {})
     spec = params_run.get("section")
     if not isinstance(spec, dict) or "path" not in spec:

@@ -22,7 +22,8 @@ Pearson r over cells of counts per cell, the mean over genes):
   prediction aggregated over them, scaled to spots), which isolates the expression from the
   segmentation;
 * segmentation (where the truth has nuclei): ``seg_precision``, ``seg_recall``, ``seg_f1``
-  of nuclei matched at IoU > 0.5; ``count_error`` = (found - true) / true.
+  of nuclei matched at IoU > 0.5, ``seg_recall_<class>`` per tissue class of a synthetic
+  section; ``count_error`` = (found - true) / true.
 * ``pcc_<kind>`` per gene kind of a synthetic section (visible / gradient / mixed / noise).
 """
 
@@ -178,6 +179,14 @@ def score_cells(pred, section, seg, genes: list[str], match_um: float = 5.0) -> 
                     "count_error": (n_p - n_t) / max(n_t, 1)})
         pos = {int(v): i for i, v in enumerate(ids_true)}
         lab_pred, true_row = p, np.array([pos[int(v)] for v in t], np.int64)
+        classes = section.meta.get("classes")
+        if cells.get("class") is not None and classes:  # which nuclei the segmenter misses
+            found = np.zeros(len(ids_true), bool)
+            found[true_row] = True
+            cls = np.asarray(cells["class"])
+            for k, name in enumerate(classes):
+                if (cls == k).any():
+                    out[f"seg_recall_{name}"] = float(found[cls == k].mean())
     else:
         out["count_error"] = (seg.n_nuclei - len(T)) / max(len(T), 1)
     cells_ad = cells_anndata(pred, seg, section, scale_to_spots=True)
