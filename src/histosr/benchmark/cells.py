@@ -18,13 +18,17 @@ Pearson r over cells of counts per cell, the mean over genes):
   area: the cell-level twin of ``nearest``) and the spot's counts split equally among the
   cells in it (the nucleus-count-weighted split). A cell's spot is the one whose disk holds
   its centroid, else the nearest;
+* ``within_pcc`` / ``within_pcc_spot_value``: the same after removing each spot's mean over
+  its cells (grouped by the cell's spot): what the prediction adds inside a spot, where the
+  spot value only varies with the cell's area;
 * ``true_cells_pcc`` (and its two baselines): the same on the TRUE cells' outlines (the
   prediction aggregated over them, scaled to spots), which isolates the expression from the
   segmentation;
 * segmentation (where the truth has nuclei): ``seg_precision``, ``seg_recall``, ``seg_f1``
   of nuclei matched at IoU > 0.5, ``seg_recall_<class>`` per tissue class of a synthetic
   section; ``count_error`` = (found - true) / true.
-* ``pcc_<kind>`` per gene kind of a synthetic section (visible / gradient / mixed / noise).
+* ``pcc_<kind>`` and ``pcc_spot_value_<kind>`` per gene kind of a synthetic section
+  (visible / gradient / mixed / noise).
 """
 
 from __future__ import annotations
@@ -100,7 +104,7 @@ def baselines(section, xy: np.ndarray, area_um2: np.ndarray, genes: list[str]) -
     spot_area = np.pi * (section.spot_diameter_um / 2.0) ** 2
     n = np.bincount(owner, minlength=section.n_spots).astype(np.float64)
     return {"spot_value": M[owner] * (np.asarray(area_um2) / spot_area)[:, None],
-            "nuclei_split": M[owner] / np.maximum(n[owner], 1.0)[:, None]}
+            "nuclei_split": M[owner] / np.maximum(n[owner], 1.0)[:, None], "spot": owner}
 
 
 def _truth_counts(cells: dict, truth_genes: list[str], genes: list[str]) -> np.ndarray:
@@ -210,11 +214,17 @@ def score_cells(pred, section, seg, genes: list[str], match_um: float = 5.0) -> 
                          cells_ad.obs["area_um2"].to_numpy()[rows_pred], genes)
         out["pcc_spot_value"] = _mean_r(base["spot_value"], Tm)[0]
         out["pcc_nuclei_split"] = _mean_r(base["nuclei_split"], Tm)[0]
+        # what the prediction adds inside a spot: r after removing each spot's cell mean
+        out["within_pcc"] = float(np.mean(metrics.pcc_within_groups(P, Tm, base["spot"])))
+        out["within_pcc_spot_value"] = float(np.mean(metrics.pcc_within_groups(
+            base["spot_value"], Tm, base["spot"])))
+        r_sv = metrics.pcc_per_gene(base["spot_value"], Tm) if len(Tm) >= 3 else r * 0
         kinds = section.meta.get("gene_kind") or {}
         for kind in ("visible", "gradient", "mixed", "noise"):
             sel = [k for k, g in enumerate(genes) if kinds.get(g) == kind]
             if sel:
                 out[f"pcc_{kind}"] = float(np.mean(r[sel]))
+                out[f"pcc_spot_value_{kind}"] = float(np.mean(r_sv[sel]))
     else:
         out["n_matched"] = 0
     # the same on the true cells' outlines
