@@ -18,6 +18,8 @@ Pearson r over cells of counts per cell, the mean over genes):
   area: the cell-level twin of ``nearest``) and the spot's counts split equally among the
   cells in it (the nucleus-count-weighted split). A cell's spot is the one whose disk holds
   its centroid, else the nearest;
+* ``density_pcc`` / ``density_pcc_spot_value``: the same on counts per um^2 of cell (the
+  predicted cell's area, the true cell's area), i.e. composition rather than cell size;
 * ``within_pcc`` / ``within_pcc_spot_value``: the same after removing each spot's mean over
   its cells (grouped by the cell's spot): what the prediction adds inside a spot, where the
   spot value only varies with the cell's area;
@@ -214,6 +216,12 @@ def score_cells(pred, section, seg, genes: list[str], match_um: float = 5.0) -> 
                          cells_ad.obs["area_um2"].to_numpy()[rows_pred], genes)
         out["pcc_spot_value"] = _mean_r(base["spot_value"], Tm)[0]
         out["pcc_nuclei_split"] = _mean_r(base["nuclei_split"], Tm)[0]
+        # composition, not size: counts per um^2 of cell (the spot value is one density
+        # per spot)
+        area = cells_ad.obs["area_um2"].to_numpy()[rows_pred][:, None]
+        dens_t = Tm / np.asarray(cells["area_um2"])[true_row][:, None]
+        out["density_pcc"] = _mean_r(P / area, dens_t)[0]
+        out["density_pcc_spot_value"] = _mean_r(base["spot_value"] / area, dens_t)[0]
         # what the prediction adds inside a spot: r after removing each spot's cell mean
         out["within_pcc"] = float(np.mean(metrics.pcc_within_groups(P, Tm, base["spot"])))
         out["within_pcc_spot_value"] = float(np.mean(metrics.pcc_within_groups(
