@@ -263,7 +263,7 @@ def plot_cells(cells, seg: Segmentation, gene: str, section=None, path=None,
 
     from .arrays import gene_values
     from .geometry import read_calibrated
-    from .pl import _plt
+    from .pl import _plt, save_figure
 
     if gene not in cells.var_names:
         raise InputError(f"gene {gene!r} is not in the cells AnnData")
@@ -313,12 +313,7 @@ def plot_cells(cells, seg: Segmentation, gene: str, section=None, path=None,
         ax.set_axis_off()
     fig.colorbar(im, ax=axes, fraction=0.03, pad=0.02, label="log1p counts per cell")
     if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".tmp.png")
-        fig.savefig(tmp, dpi=90)
-        plt.close(fig)
-        tmp.replace(path)
+        save_figure(fig, path)
     return fig
 
 

@@ -44,7 +44,7 @@ import numpy as np
 from .. import metrics
 from ..errors import InputError
 from ..pp import select_genes
-from .common import Timer, log, method_factory, score_sections, section_features
+from .common import Timer, log, method_factory, protocol_cache, score_sections, section_features
 
 PROTOCOL = "cells"
 SCORING = {
@@ -308,10 +308,7 @@ def cells(method, sections=None, encoder: str = "handcrafted", epochs=None, n_st
     params = {**params, "seed": int(seed), "segmenter": segmenter,
               "segmenter_params": dict(segmenter_params or {}), "expand_um": float(expand_um),
               "match_um": float(match_um), "scoring": SCORING}
-    if cache_dir is None and out is not None:
-        from ..features.cache import cache_dir_for
-
-        cache_dir = cache_dir_for(out)
+    cache_dir = protocol_cache(cache_dir, out)
     if data is not None:
         from ..simulate import simulated_sections
 
