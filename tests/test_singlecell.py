@@ -140,7 +140,7 @@ def test_benchmark_protocol_scores(small, tmp_path):
     assert s["seg_f1"] > 0.75 and abs(s["count_error"]) < 0.3 and s["n_matched"] > 50
     for k in ("pcc", "pcc_spot_value", "pcc_nuclei_split", "true_cells_pcc",
               "true_cells_pcc_spot_value", "pcc_visible", "pcc_spot_value_visible",
-              "within_pcc", "within_pcc_spot_value"):
+              "within_pcc", "within_pcc_spot_value", "density_pcc", "density_pcc_spot_value"):
         assert -1.0 <= s[k] <= 1.0
     assert s["seg_recall_tumour"] > 0.9  # dark round nuclei are found
     assert s["true_cells_pcc"] > 0.3 and s["pcc"] > 0.3
