@@ -30,6 +30,7 @@ INJECT = [
     (r"^histosr (--quiet )?benchmark p[12] ", ["--sections", "C2"]),
     (r"^histosr (--quiet )?benchmark p3 ", ["--sections", "C2,C3"]),
     (r"^histosr (--quiet )?benchmark p4 (?!.*--data)", ["--sections", "0"]),
+    (r"^histosr (--quiet )?benchmark cells (?!.*--data)", ["--sections", "0"]),
     (r"^histosr (--quiet )?benchmark domains ", ["--set", "epochs=2"]),
     (r"^histosr (--quiet )?benchmark .*--method (istar|histex|deephex|hishrst|trihrge) ",
      ["--epochs", "2", "--n-states", "1"]),

@@ -164,7 +164,8 @@ def _polygons_from(segmentation) -> tuple[list[np.ndarray], list[str]]:
     return polys, ids
 
 
-def aggregate_cells(pred, segmentation, *, um_per_px: float | None = None, sub: int = 8):
+def aggregate_cells(pred, segmentation, *, um_per_px: float | None = None, sub: int = 8,
+                    block_rows: int = 2048):
     """Per-cell expression from a super-resolved prediction and a cell segmentation.
 
     Parameters
@@ -177,6 +178,8 @@ def aggregate_cells(pred, segmentation, *, um_per_px: float | None = None, sub: 
         a GeoDataFrame/GeoSeries, a list or dict of shapely polygons or of (k, 2) arrays.
     um_per_px: full-res pixel size; default ``pred.uns["histosr"]["um_per_px"]``.
     sub: supersampling of polygons per superpixel side (see :func:`polygon_weights`).
+    block_rows: rows of a labels image read at a time (memory: about 24 bytes per pixel of
+        a strip; lower it for very wide slides).
 
     Returns AnnData cells x genes: each cell gets the area-weighted sum over superpixels,
     sum_j pred[j] * area(cell & j) / area(j), i.e. counts in the cell. ``obsm["spatial"]``
@@ -195,7 +198,8 @@ def aggregate_cells(pred, segmentation, *, um_per_px: float | None = None, sub: 
     sp_per_px = um / SP_UM
     if hasattr(segmentation, "shape") and hasattr(segmentation, "dtype") and len(
             segmentation.shape) == 2 and np.issubdtype(segmentation.dtype, np.integer):
-        weights, ids, centroids = label_weights(segmentation, sp_per_px, (H, W))
+        weights, ids, centroids = label_weights(segmentation, sp_per_px, (H, W),
+                                                block_rows=block_rows)
         ids = [str(i) for i in ids]
     else:
         polys, ids = _polygons_from(segmentation)
@@ -203,9 +207,11 @@ def aggregate_cells(pred, segmentation, *, um_per_px: float | None = None, sub: 
         centroids = np.array([polygon_centroid(p) for p in polys]).reshape(-1, 2)
     area_sp = np.asarray(weights.sum(axis=1)).ravel()
     flat = np.asarray(pred.obs["row"], np.int64) * W + np.asarray(pred.obs["col"], np.int64)
-    X = dense(pred.X)
     Wp = weights[:, flat]  # cells x predicted superpixels
-    counts = np.asarray(Wp @ X.astype(np.float64), dtype=np.float32)
+    # float64 sums, 128 genes at a time: a whole-slide prediction is never copied whole
+    counts = np.empty((Wp.shape[0], pred.n_vars), dtype=np.float32)
+    for g0 in range(0, pred.n_vars, 128):
+        counts[:, g0:g0 + 128] = Wp @ dense(pred.X[:, g0:g0 + 128])
     covered = np.asarray(Wp.sum(axis=1)).ravel()
     obs = pd.DataFrame({"area_um2": area_sp * SP_UM**2,
                         "covered_frac": np.divide(covered, area_sp, out=np.zeros_like(covered),

@@ -391,18 +391,52 @@ def cmd_benchmark(args) -> int:
         from .methods import get_method
 
         method = get_method(args.method, seed=args.seed, **params)
+    extra = {"scheduler": args.scheduler} if args.scheduler else {}
+    if args.downsample_depth is not None:
+        extra["downsample_depth"] = args.downsample_depth
+    if args.protocol == "cells":
+        from .config import parse_assignments
+
+        extra.update(segmenter=args.segmenter,
+                     segmenter_params=parse_assignments(args.segmenter_option))
+    elif args.segmenter != "classical" or args.segmenter_option:
+        raise InputError("--segmenter and --segmenter-option apply to the cells protocol only")
     res = benchmark.run(
         args.protocol, method=method, encoder=args.encoder, data=args.data,
         sections=args.sections.split(",") if args.sections else None, epochs=args.epochs,
         n_states=args.n_states, seed=args.seed, out=args.out,
-        consistency=args.consistency, progress=not args.quiet,
-        **({"scheduler": args.scheduler} if args.scheduler else {}),
-        **({"downsample_depth": args.downsample_depth}
-           if args.downsample_depth is not None else {}),
+        consistency=args.consistency, progress=not args.quiet, **extra,
     )
     print(json.dumps({"protocol": res["protocol"], "method": res["method"], "mean": res["mean"]}))
     print(f"results: {Path(args.out) / 'results.json'}")
     return 0
+
+
+def cmd_cells(args) -> int:
+    from .config import parse_assignments
+    from .singlecell import cells_for_run
+
+    res = cells_for_run(args.run_dir, out=args.out, segmenter=args.segmenter,
+                        params=parse_assignments(args.segmenter_option),
+                        expand_um=args.expand_um, scale_to_spots=args.scale_to_spots,
+                        genes=_genes_arg(args) or None, n_jobs=args.jobs,
+                        progress=not args.quiet)
+    keep = ("n_cells", "n_genes", "segmentation_seconds", "seconds", "peak_rss_mb",
+            "median_cell_area_um2", "nuclei_per_spot_vs_classical_r", "cells", "previews")
+    print(json.dumps({k: res[k] for k in keep if k in res}))
+    print(f"report: {res['report']}")
+    return 0
+
+
+def _segmenter_args(p) -> None:
+    from .segment import SEGMENTERS
+
+    p.add_argument("--segmenter", default="classical", choices=SEGMENTERS,
+                   help="nuclei: classical (no weights), or cellpose / stardist / instanseg "
+                   "with their weights on disk (never downloaded)")
+    p.add_argument("--segmenter-option", action="append", metavar="KEY=VALUE", default=[],
+                   help="segmenter parameter, repeatable (e.g. model=/path/instanseg.pt, "
+                   "max_area_um2=250)")
 
 
 def cmd_densify(args) -> int:
@@ -592,7 +626,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_evaluate)
 
     s = sub.add_parser("benchmark", help="accuracy protocols of BENCHMARKS.md")
-    s.add_argument("protocol", choices=["p1", "p2", "p3", "p4", "domains"])
+    s.add_argument("protocol", choices=["p1", "p2", "p3", "p4", "domains", "cells"])
     s.add_argument("--method", required=True)
     s.add_argument("--encoder", default="handcrafted")
     s.add_argument("--data", help="data folder (default: $HISTOSR_DATA or ../shared/data)")
@@ -608,8 +642,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "spot (seeded by --seed); scores stay against the full-depth counts")
     s.add_argument("--scheduler", help="Dask: 'local' (LocalCluster) or a scheduler address; "
                    "protocols with independent folds (p3) run them in parallel")
+    _segmenter_args(s)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_benchmark)
+
+    s = sub.add_parser("cells", help="cells x genes of a run: nuclei segmented on the H&E, "
+                       "grown into cells, the 8 um prediction summed over each cell")
+    s.add_argument("run_dir", help="folder written by `histosr run` (prediction.h5ad)")
+    _segmenter_args(s)
+    s.add_argument("--expand-um", type=float, default=15.0,
+                   help="cells = nuclei grown by this distance without overlap (default 15, "
+                   "Xenium's cap; 0: nuclei only)")
+    s.add_argument("--scale-to-spots", action=argparse.BooleanOptionalAction, default=True,
+                   help="scale the cells of each measured spot to its measured counts")
+    s.add_argument("--genes", help="comma-separated genes drawn (default: the run's previews)")
+    s.add_argument("--jobs", type=int, default=1,
+                   help="tiles segmented at once, on threads (classical segmenter)")
+    s.add_argument("--out", help="output folder (default RUN_DIR/cells)")
+    s.set_defaults(fn=cmd_cells)
 
     s = sub.add_parser("densify", help="fit a spot method on all spots and predict a denser "
                        "grid (HisHRST 4x / TriHRGE 8x positions of the measured lattice)")

@@ -7,7 +7,7 @@ A config is YAML (or a dict)::
     method:   {name: istar, params: {epochs: 400, n_states: 5}, consistency: true}
     genes:    {n_top: 1000, min_frac: 0.1}          # or list: [...]; include: [...]
     predict:  {previews: [ERBB2, COL1A1], n_previews: 4}
-    outputs:  {spatialdata: false}
+    outputs:  {spatialdata: false, cells: false}                       # cells: cells x genes
     analysis: {interactions: false, gene_sets: null}  # ligand-receptor pairs; pathway maps
     seed: 0
     out: runs/C2
@@ -147,9 +147,20 @@ class PredictConfig(_Strict):
 
 
 class OutputsConfig(_Strict):
-    """``spatialdata``: also write ``spatialdata.zarr`` (needs ``histosr[spatialdata]``)."""
+    """``spatialdata``: also write ``spatialdata.zarr`` (needs ``histosr[spatialdata]``).
+    ``cells``: also write ``cells/cells.h5ad`` (nuclei segmented on the H&E, grown into
+    cells, the prediction summed over each; ``true`` or a mapping of the options of
+    :data:`histosr.singlecell.OPTIONS`: segmenter, params, expand_um, ...)."""
 
     spatialdata: bool = False
+    cells: bool | dict[str, Any] = False
+
+    @model_validator(mode="after")
+    def _cells_options(self):
+        from .singlecell import options
+
+        options(self.cells)  # names an unknown option or segmenter before any work
+        return self
 
 
 class AnalysisConfig(_Strict):

@@ -34,44 +34,110 @@ from .geometry import TARGET_UM_PER_PX
 COUNTERS = ("classical", "cellpose")
 
 
+def hematoxylin_od(rgb: np.ndarray) -> np.ndarray:
+    """float32 (H, W) hematoxylin optical density of an RGB uint8 image: channel 0 of
+    ``skimage.color.rgb2hed`` (Ruifrok & Johnston), computed through one 256-entry lookup
+    table per channel instead of float64 logs of every pixel (same values to float32
+    precision, ~10x faster on whole slides)."""
+    from skimage.color.colorconv import hed_from_rgb
+
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] < 3:
+        raise InputError(f"expected an RGB image (H, W, 3), got shape {rgb.shape}")
+    if rgb.dtype != np.uint8:
+        from skimage.color import rgb2hed
+
+        return rgb2hed(rgb[..., :3])[..., 0].astype(np.float32)
+    # rgb2hed: max(log(max(v / 255, 1e-6)) / log(1e-6) @ hed_from_rgb, 0)
+    v = np.log(np.maximum(np.arange(256) / 255.0, 1e-6)) / np.log(1e-6)
+    lut = (v[None, :] * hed_from_rgb[:, 0][:, None]).astype(np.float32)  # (3, 256)
+    h = lut[0][rgb[..., 0]]
+    h += lut[1][rgb[..., 1]]
+    h += lut[2][rgb[..., 2]]
+    return np.maximum(h, 0.0, out=h)
+
+
+def nuclei_labels_classical(rgb: np.ndarray, um_per_px: float = TARGET_UM_PER_PX,
+                            min_od: float = 0.03, min_area_um2: float = 8.0,
+                            min_distance_um: float = 2.5, sigma_um: float = 1.0,
+                            max_area_um2: float | None = None, min_solidity: float = 0.0,
+                            return_h: bool = False):
+    """int32 (H, W) nucleus labels (0 = background, 1..n) of an RGB uint8 (H, W, 3) image at
+    ``um_per_px``: hematoxylin channel, threshold, distance-transform watershed (see the
+    module docstring). ``max_area_um2`` drops objects larger than a nucleus (after the
+    split) and pieces of the split smaller than ``min_area_um2``; ``min_solidity`` drops
+    ragged objects (stroma fibres, folds). Both are off by default, which is
+    :func:`count_nuclei_classical`'s counting rule. ``return_h``: also return the smoothed
+    hematoxylin optical density (float, same shape)."""
+    from scipy import ndimage as ndi
+    from skimage.feature import peak_local_max
+    from skimage.filters import threshold_otsu
+    from skimage.segmentation import watershed
+
+    h = ndi.gaussian_filter(hematoxylin_od(rgb), sigma_um / um_per_px)
+    empty = np.zeros(h.shape, dtype=np.int32)
+
+    def done(seg):
+        return (seg, h) if return_h else seg
+
+    if h.max() < min_od:
+        return done(empty)
+    try:
+        thr = float(threshold_otsu(h))
+    except ValueError:  # constant image
+        return done(empty)
+    mask = h > max(thr, min_od)
+    mask = ndi.binary_opening(mask, iterations=1)
+    lab, n = ndi.label(mask)
+    if n == 0:
+        return done(empty)
+    min_px = min_area_um2 / um_per_px**2
+    sizes = np.bincount(lab.ravel())
+    mask = (sizes >= min_px)[lab] & (lab > 0)
+    if not mask.any():
+        return done(empty)
+    dist = ndi.distance_transform_edt(mask)
+    # one pass over the whole image (``labels=`` would loop over every object: 6x slower);
+    # peaks lie inside the mask, where the distance is >= 1
+    peaks = peak_local_max(dist, min_distance=max(1, int(round(min_distance_um / um_per_px))),
+                           threshold_abs=0.5, exclude_border=False)
+    markers = np.zeros(dist.shape, dtype=np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    seg = watershed(-dist, markers, mask=mask).astype(np.int32, copy=False)
+    if max_area_um2 is not None or min_solidity > 0:
+        seg = _filter_objects(seg, min_px, None if max_area_um2 is None else
+                              max_area_um2 / um_per_px**2, min_solidity)
+    return done(seg)
+
+
+def _filter_objects(seg: np.ndarray, min_px: float, max_px: float | None,
+                    min_solidity: float) -> np.ndarray:
+    """Relabelled 1..k after dropping objects outside [min_px, max_px] px or below
+    ``min_solidity`` (area / convex-hull area)."""
+    from skimage.segmentation import relabel_sequential
+
+    sizes = np.bincount(seg.ravel())
+    keep = sizes >= min_px
+    if max_px is not None:
+        keep &= sizes <= max_px
+    keep[0] = False
+    if min_solidity > 0 and keep.any():
+        from skimage.measure import regionprops
+
+        for p in regionprops(np.where(keep[seg], seg, 0)):
+            if p.solidity < min_solidity:
+                keep[p.label] = False
+    seg = np.where(keep[seg], seg, 0)
+    return relabel_sequential(seg)[0].astype(np.int32, copy=False)
+
+
 def count_nuclei_classical(rgb: np.ndarray, um_per_px: float = TARGET_UM_PER_PX,
                            min_od: float = 0.03, min_area_um2: float = 8.0,
                            min_distance_um: float = 2.5, sigma_um: float = 1.0) -> int:
     """Number of nuclei in an RGB uint8 (H, W, 3) image at ``um_per_px``: hematoxylin
     channel, threshold, distance-transform watershed (see the module docstring)."""
-    from scipy import ndimage as ndi
-    from skimage.color import rgb2hed
-    from skimage.feature import peak_local_max
-    from skimage.filters import threshold_otsu
-    from skimage.segmentation import watershed
-
-    rgb = np.asarray(rgb)
-    if rgb.ndim != 3 or rgb.shape[2] < 3:
-        raise InputError(f"expected an RGB image (H, W, 3), got shape {rgb.shape}")
-    h = ndi.gaussian_filter(rgb2hed(rgb[..., :3])[..., 0], sigma_um / um_per_px)
-    if h.max() < min_od:
-        return 0
-    try:
-        thr = float(threshold_otsu(h))
-    except ValueError:  # constant image
-        return 0
-    mask = h > max(thr, min_od)
-    mask = ndi.binary_opening(mask, iterations=1)
-    lab, n = ndi.label(mask)
-    if n == 0:
-        return 0
-    min_px = min_area_um2 / um_per_px**2
-    sizes = np.bincount(lab.ravel())
-    mask = (sizes >= min_px)[lab] & (lab > 0)
-    if not mask.any():
-        return 0
-    dist = ndi.distance_transform_edt(mask)
-    lab, _ = ndi.label(mask)
-    peaks = peak_local_max(dist, min_distance=max(1, int(round(min_distance_um / um_per_px))),
-                           labels=lab, exclude_border=False)
-    markers = np.zeros(dist.shape, dtype=np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    seg = watershed(-dist, markers, mask=mask)
+    seg = nuclei_labels_classical(rgb, um_per_px, min_od=min_od, min_area_um2=min_area_um2,
+                                  min_distance_um=min_distance_um, sigma_um=sigma_um)
     return int(len(np.unique(seg[seg > 0])))
 
 
@@ -156,5 +222,5 @@ def nuclei_factor(counts: np.ndarray, clip: tuple[int, int] = (1, 20)) -> np.nda
     return (c / c.max() + 1.0).astype(np.float32)
 
 
-__all__ = ["count_nuclei", "count_nuclei_classical", "cellpose_counter", "nuclei_factor",
-           "COUNTERS"]
+__all__ = ["count_nuclei", "count_nuclei_classical", "nuclei_labels_classical", "hematoxylin_od",
+           "cellpose_counter", "nuclei_factor", "COUNTERS"]

@@ -239,6 +239,11 @@ def _superpixel_outputs(rep, method, section, fm, rc: RunConfig, out: Path) -> N
         show = _preview_genes(rc, method.genes_)
         spots = section.counts[:, show].copy() if show else None
         rep.images += previews(pred, show, out / "previews", section=section, spots=spots)
+    if rc.outputs.cells:  # cells x genes: segmentation of the H&E + the prediction per cell
+        from .singlecell import run_in_pipeline
+
+        run_in_pipeline(rc.outputs.cells, pred, section, out, rep, genes=show,
+                        progress=method.progress)
     _describe_results(rep, method, section, pred, out, show, superpixels=True)
     from . import interactions
 
@@ -296,6 +301,9 @@ def _spot_outputs(rep, method, section, rc: RunConfig, out: Path) -> None:
         show = _preview_genes(rc, method.genes_)
         rep.images += previews(spots_pred, show, out / "previews", section=section,
                                spots=section.counts[:, show].copy() if show else None)
+    if rc.outputs.cells:
+        rep.notes.append("outputs.cells aggregates a super-resolved 8 um map over segmented "
+                         "cells: not run for a spot-level method")
     _describe_results(rep, method, section, spots_pred, out, show, superpixels=False)
     if rc.analysis.interactions:
         rep.notes.append("analysis.interactions compares the measured spots with a "

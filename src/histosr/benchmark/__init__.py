@@ -1,8 +1,10 @@
 """Accuracy protocols of BENCHMARKS.md: the only code that computes their numbers.
 
-``run("p1" | "p2" | "p3" | "p4" | "domains", method, ...)`` is what ``histosr benchmark`` calls;
-:func:`p1` (spot hold-out), :func:`p2`, :func:`p3` (H&E only, leave one section out), :func:`p4`
-and :func:`domains` (tissue domains against pathologist labels) are the protocols themselves. Each returns the results dict
+``run("p1" | "p2" | "p3" | "p4" | "domains" | "cells", method, ...)`` is what
+``histosr benchmark`` calls; :func:`p1` (spot hold-out), :func:`p2`, :func:`p3` (H&E only,
+leave one section out), :func:`p4`, :func:`domains` (tissue domains against pathologist
+labels) and ``cells`` (single-cell output against known cells,
+:mod:`histosr.benchmark.cells`) are the protocols themselves. Each returns the results dict
 (``{"protocol", "method", "encoder", "params", "sections", "mean", "seconds",
 "peak_rss_mb"}``) and, given ``out``, writes it to ``out/results.json``.
 """
@@ -16,8 +18,9 @@ from .p4 import p4, score_superpixels
 from .results import read_results, write_results
 
 PROTOCOLS = {"p2": p2, "p4": p4, "domains": domains}
-# protocols in their own modules, imported on first use (p1: spot hold-out, p3: H&E only)
-_LAZY = {"p1": ("p1", "p1"), "p3": ("p3", "p3")}
+# protocols in their own modules, imported on first use (p1: spot hold-out, p3: H&E only,
+# cells: single-cell output against known cells)
+_LAZY = {"p1": ("p1", "p1"), "p3": ("p3", "p3"), "cells": ("cells", "cells")}
 
 
 def _protocol(key: str):

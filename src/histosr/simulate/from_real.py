@@ -165,8 +165,14 @@ def truth_from_cells(section: Section, polygons: dict | list | None = None,
     if closing:
         mask = ndimage.binary_closing(mask, structure=np.ones((3, 3), bool)) | mask
     cube = _cube(_row_normalise(Wm), X, (H, W))
-    return _with_truth(section, cube, genes, mask, f"xenium {source} (area)",
-                       {"truth_assign": "area"})
+    out = _with_truth(section, cube, genes, mask, f"xenium {source} (area)",
+                      {"truth_assign": "area"})
+    # the cells themselves, for cell-level scores (histosr benchmark cells)
+    out.truth["cells"] = {"counts": X.tocsr().astype(np.float32), "ids": ids,
+                          "xy": np.asarray(section.xy, np.float64),
+                          "area_um2": np.asarray(Wm.sum(axis=1)).ravel() * SP_UM**2,
+                          "polygons": [p / s for p in polys]}
+    return out
 
 
 def detect_hd_format(path) -> str:
@@ -244,6 +250,8 @@ def write_simulated(section: Section, folder, *, jpeg_quality: int = 95) -> Path
     arr[:] = cube
     m = create_zarr_array(root, "mask", (h, w), (min(h, 1024), min(w, 1024)), "u1")
     m[:] = np.asarray(section.truth["mask"], dtype=np.uint8)
+    if section.truth.get("cells") is not None:
+        _write_cells(root.create_group("cells"), section.truth["cells"])
     root.attrs["genes"] = [str(x) for x in section.truth["genes"]]
     root.attrs["source"] = str(section.truth.get("source", "synthetic"))
     shutil.rmtree(folder / TRUTH_DIR, ignore_errors=True)
@@ -259,6 +267,58 @@ def write_simulated(section: Section, folder, *, jpeg_quality: int = 95) -> Path
     tmpj.write_text(json.dumps(info))
     tmpj.replace(folder / SECTION_JSON)
     return folder
+
+
+def _write_cells(g, cells: dict) -> None:
+    """The truth's cells in a zarr group: counts (CSR arrays), ids, centroids, areas and,
+    when present, polygons (flat vertices + offsets) and label images."""
+    from ..features.featuremap import create_zarr_array
+
+    def put(name, a, dtype):
+        a = np.asarray(a, dtype=dtype)
+        arr = create_zarr_array(g, name, a.shape, tuple(max(1, min(n, 1 << 20)) if i == 0
+                                                        else max(n, 1)
+                                                        for i, n in enumerate(a.shape)),
+                                dtype)
+        if a.size:
+            arr[:] = a
+
+    X = sp.csr_matrix(cells["counts"], dtype=np.float32)
+    put("data", X.data, "f4")
+    put("indices", X.indices, "i4")
+    put("indptr", X.indptr, "i8")
+    g.attrs["shape"] = [int(v) for v in X.shape]
+    g.attrs["ids"] = [str(i) for i in cells["ids"]]
+    put("xy", np.asarray(cells["xy"], np.float64).reshape(-1, 2), "f8")
+    put("area_um2", cells["area_um2"], "f8")
+    if cells.get("polygons") is not None:
+        polys = [np.asarray(p, np.float64).reshape(-1, 2) for p in cells["polygons"]]
+        put("poly_xy", np.concatenate(polys) if polys else np.zeros((0, 2)), "f8")
+        put("poly_offsets", np.cumsum([0] + [len(p) for p in polys]), "i8")
+    for key in ("nuclei", "labels"):
+        if cells.get(key) is not None:
+            put(key, cells[key], "i4")
+    if cells.get("label_um_per_px") is not None:
+        g.attrs["label_um_per_px"] = float(cells["label_um_per_px"])
+
+
+def _read_cells(g) -> dict:
+    X = sp.csr_matrix((np.asarray(g["data"][:]), np.asarray(g["indices"][:]),
+                       np.asarray(g["indptr"][:])), shape=tuple(g.attrs["shape"]))
+    ids = list(g.attrs["ids"])
+    if all(i.lstrip("-").isdigit() for i in ids):
+        ids = np.array([int(i) for i in ids], np.int64)
+    out = {"counts": X, "ids": ids, "xy": np.asarray(g["xy"][:]),
+           "area_um2": np.asarray(g["area_um2"][:])}
+    if "poly_xy" in g:
+        v, o = np.asarray(g["poly_xy"][:]), np.asarray(g["poly_offsets"][:])
+        out["polygons"] = [v[a:b] for a, b in zip(o[:-1], o[1:])]
+    for key in ("nuclei", "labels"):
+        if key in g:
+            out[key] = np.asarray(g[key][:])
+    if "label_um_per_px" in g.attrs:
+        out["label_um_per_px"] = float(g.attrs["label_um_per_px"])
+    return out
 
 
 def is_simulated(folder) -> bool:
@@ -280,6 +340,8 @@ def read_simulated(folder) -> Section:
     root = zarr.open_group(str(folder / TRUTH_DIR), mode="r")
     truth = {"cube": np.asarray(root["cube"][:]), "mask": np.asarray(root["mask"][:], bool),
              "genes": list(root.attrs["genes"]), "source": root.attrs.get("source")}
+    if "cells" in root:
+        truth["cells"] = _read_cells(root["cells"])
     grid = grid_for(sec)
     if truth["cube"].shape[:2] != grid.shape:
         raise SectionError(f"{folder}: truth cube {truth['cube'].shape[:2]} does not match the "
