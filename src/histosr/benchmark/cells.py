@@ -43,8 +43,14 @@ import numpy as np
 
 from .. import metrics
 from ..errors import InputError
-from ..pp import select_genes
-from .common import Timer, log, method_factory, protocol_cache, score_sections, section_features
+from .common import (
+    Timer,
+    fit_predict_truth,
+    log,
+    method_factory,
+    protocol_cache,
+    score_sections,
+)
 
 PROTOCOL = "cells"
 SCORING = {
@@ -253,14 +259,7 @@ def run_section(section, make_method, encoder: str, cache_dir: Path | None, seed
     from ..segment import segment
 
     t = Timer().__enter__()
-    mask = np.asarray(section.truth["mask"], dtype=bool)
-    genes = select_genes(section, 1000)
-    method = make_method()
-    fm = section_features(section, method, encoder, cache_dir, progress, mask=mask)
-    log(progress, f"{section.name}: fit {method.name} on {section.n_spots} spots, "
-                  f"{len(genes)} genes")
-    method.fit([section], [fm], genes=genes)
-    pred = method.predict(section, fm, at="superpixels")
+    pred, genes = fit_predict_truth(section, make_method, encoder, cache_dir, progress)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(cache_dir) / f"segmentation-{section.name}.zarr" if cache_dir else \

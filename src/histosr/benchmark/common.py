@@ -114,6 +114,23 @@ def section_features(section, method, encoder: str, cache_dir: Path | None,
                             **kw)
 
 
+def fit_predict_truth(section, make_method, encoder: str, cache_dir: Path | None,
+                      progress: bool = True):
+    """Fit a fresh method on a pseudo-spot section that carries an 8 um truth (its
+    features restricted to the truth's tissue mask, the HEST rule's top 1000 genes) and
+    predict its tissue superpixels: returns (prediction, genes)."""
+    from ..pp import select_genes
+
+    mask = np.asarray(section.truth["mask"], dtype=bool)
+    genes = select_genes(section, 1000)
+    method = make_method()
+    fm = section_features(section, method, encoder, cache_dir, progress, mask=mask)
+    log(progress, f"{section.name}: fit {method.name} on {section.n_spots} spots, "
+                  f"{len(genes)} genes")
+    method.fit([section], [fm], genes=genes)
+    return method.predict(section, fm, at="superpixels"), genes
+
+
 def gene_scores(pred: np.ndarray, truth: np.ndarray, n_top: int = 50) -> dict:
     """The per-gene scores every spot protocol reports, on the log1p CP10k scale (spots x
     genes, genes ranked so that top50 = the first ``n_top``): mean and median Pearson r

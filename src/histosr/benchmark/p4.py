@@ -27,14 +27,13 @@ from .. import metrics
 from ..arrays import columns
 from ..errors import InputError
 from ..geometry import grid_for, section_footprints
-from ..pp import select_genes
 from .common import (
     Timer,
+    fit_predict_truth,
     log,
     method_factory,
     protocol_cache,
     score_sections,
-    section_features,
 )
 
 PROTOCOL = "p4"
@@ -134,14 +133,7 @@ def run_section(section, make_method, encoder: str, cache_dir: Path | None, seed
                 progress: bool = True) -> dict:
     """Fit on a pseudo-spot section with truth, predict its tissue superpixels, score."""
     t = Timer().__enter__()
-    mask = np.asarray(section.truth["mask"], dtype=bool)
-    genes = select_genes(section, 1000)
-    method = make_method()
-    fm = section_features(section, method, encoder, cache_dir, progress, mask=mask)
-    log(progress, f"{section.name}: fit {method.name} on {section.n_spots} spots, "
-                  f"{len(genes)} genes")
-    method.fit([section], [fm], genes=genes)
-    pred = method.predict(section, fm, at="superpixels")
+    pred, genes = fit_predict_truth(section, make_method, encoder, cache_dir, progress)
     scores = score_superpixels(pred, section, seed=seed, genes=genes)
     scores["seconds"] = round(t.elapsed, 1)
     return scores

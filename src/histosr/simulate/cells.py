@@ -28,7 +28,15 @@ from scipy import ndimage
 from ..geometry import SP_PX, SP_UM, TARGET_UM_PER_PX
 from ..image import ArrayImage
 from ..section import Section, make_counts, validate
-from .synthetic import _BACKGROUND, _STYLE, CLASSES, _class_map, _smooth_field, pseudo_visium
+from .synthetic import (
+    _BACKGROUND,
+    _STYLE,
+    CLASSES,
+    _class_map,
+    _smooth_field,
+    pseudo_visium,
+    visible_profile,
+)
 
 _SUB = 4  # the class map's 2 um cells: 4 px each
 
@@ -163,10 +171,7 @@ def synthetic_cells_section(seed: int = 0, size_um: float = 800.0, n_genes: int 
     rc = np.clip((xy[:, ::-1] / SP_PX).astype(int), 0, n_sp - 1) if n else np.zeros((0, 2), int)
     genes, kind, rates = [], {}, []
     for i in range(n_vis):
-        k = i % len(CLASSES)
-        prof = np.full(len(CLASSES), 0.15) * rng.uniform(0.5, 1.5, len(CLASSES))
-        prof[k] = rng.uniform(2.0, 4.0)
-        g = f"VIS_{CLASSES[k].upper()}_{i // len(CLASSES)}"
+        g, prof = visible_profile(rng, i)
         rates.append(onehot @ prof)
         genes.append(g)
         kind[g] = "visible"

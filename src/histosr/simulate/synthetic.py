@@ -41,6 +41,15 @@ _STYLE = {
 _BACKGROUND = (243, 243, 245)
 
 
+def visible_profile(rng, i: int) -> tuple[str, np.ndarray]:
+    """The ``i``-th image-visible gene: its name and its rate per tissue class (high in
+    class ``i % 4``, low elsewhere)."""
+    k = i % len(CLASSES)
+    prof = np.full(len(CLASSES), 0.15) * rng.uniform(0.5, 1.5, len(CLASSES))
+    prof[k] = rng.uniform(2.0, 4.0)
+    return f"VIS_{CLASSES[k].upper()}_{i // len(CLASSES)}", prof
+
+
 def _smooth_field(rng, shape, sigma) -> np.ndarray:
     """Gaussian-smoothed white noise, standardised to mean 0, sd 1. Large ``sigma`` is
     drawn on a coarser grid and upsampled bilinearly (same look, far cheaper)."""
@@ -187,10 +196,7 @@ def synthetic_section(
     n_noise = max(0, n_genes - n_vis - n_grad - n_mix)
     genes, kind, rates = [], {}, []
     for i in range(n_vis):
-        k = i % len(CLASSES)
-        prof = np.full(len(CLASSES), 0.15) * rng.uniform(0.5, 1.5, len(CLASSES))
-        prof[k] = rng.uniform(2.0, 4.0)
-        g = f"VIS_{CLASSES[k].upper()}_{i // len(CLASSES)}"
+        g, prof = visible_profile(rng, i)
         rates.append(frac @ prof)
         genes.append(g)
         kind[g] = "visible"
