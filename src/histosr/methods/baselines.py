@@ -46,8 +46,9 @@ def spot_densities(section, grid, genes: list[str]) -> dict:
     }
 
 
-def _section_key(section, grid, genes) -> str:
-    """Identity of a section's measurements (ids, positions, counts, grid)."""
+def section_key(section, grid, genes) -> str:
+    """Identity of a section's measurements (ids, positions, counts, grid): the key under
+    which a method that interpolates the measured spots stores a fitted section."""
     fps = section.footprints
     return digest(section.name, list(section.counts.obs_names), section.xy,
                        section.dense_counts(genes).astype(np.float32), section.spot_diameter_um,
@@ -64,7 +65,7 @@ class SpotInterpolator(SuperpixelMethod):
     def _fit(self, sections, features) -> None:
         self.spots_ = {}
         for sec, fm in zip(sections, features):
-            self.spots_[_section_key(sec, fm.grid, self.genes_)] = spot_densities(sec, fm.grid, self.genes_)
+            self.spots_[section_key(sec, fm.grid, self.genes_)] = spot_densities(sec, fm.grid, self.genes_)
 
     def _spots_for(self, section, features) -> dict:
         missing = [g for g in self.genes_ if g not in section.counts.var_names]
@@ -73,7 +74,7 @@ class SpotInterpolator(SuperpixelMethod):
                 f"{self.name} interpolates the measured spots of the section it predicts, but "
                 f"section {section.name!r} lacks fitted genes {missing[:5]}"
             )
-        stored = self.spots_.get(_section_key(section, features.grid, self.genes_))
+        stored = self.spots_.get(section_key(section, features.grid, self.genes_))
         if stored is not None:
             return stored
         return spot_densities(section, features.grid, self.genes_)

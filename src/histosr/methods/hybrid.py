@@ -47,36 +47,28 @@ from typing import ClassVar
 
 import numpy as np
 
+from .. import metrics
 from ..arrays import row_sums
 from ..errors import InputError
 from ..geometry import section_footprints
 from ..params import Interval, Options
 from .base import SuperpixelMethod, register_method
-from .baselines import _section_key
+from .baselines import section_key
 from .field import KernelField, loo_bandwidth, pitch_um, spatial_folds
+from .scaling import feature_stats
 
 #: what the image model is fitted to (see the module docstring)
 IMAGE_TARGETS = ("expression", "residual")
 #: chi2(1) 95% quantile: the out-of-fold evidence a gene's image part needs to get weight
 EVIDENCE = 3.84
-#: largest image weight (a ridge shrinks its predictions; the CV weight may undo some)
-MAX_W = 1.0
 #: ridge penalties tried by generalised cross-validation (features are z-scored)
 ALPHAS = np.logspace(-1, 5, 13)
-
-
-def _pcc(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    from .. import metrics
-
-    return metrics.pcc_per_gene(a, b)
 
 
 def spot_table(section, fm, genes: list[str]) -> dict:
     """Per measured spot with a footprint on the grid: position (um), log1p CP10k of the
     fitted genes (library = all genes), library per footprint superpixel, and the mean of
     its footprint superpixels' features (absent for a grid-only FeatureMap)."""
-    from .. import metrics
-
     F = section_footprints(section, fm.grid)
     n = np.diff(F.indptr)
     keep = np.flatnonzero(n > 0)
@@ -129,9 +121,7 @@ class Hybrid(SuperpixelMethod):
             t["h"], _ = loo_bandwidth(t["xy_um"], t["Y"], self.k)
             t["pitch"] = pitch_um(t["xy_um"])
         X = np.concatenate([t["X"] for t in tables])
-        self.feat_mean_ = X.mean(axis=0).astype(np.float32)
-        sd = X.std(axis=0)
-        self.feat_std_ = np.where(sd > 1e-6, sd, 1.0).astype(np.float32)
+        self.feat_mean_, self.feat_std_ = feature_stats(X)
         self.in_dim_ = int(X.shape[1])
 
         def z(x):
@@ -181,7 +171,7 @@ class Hybrid(SuperpixelMethod):
         Yo, Fo, Io = (np.concatenate(a).astype(np.float64) for a in (Yo, Fo, Io))
         E = Yo - Fo
         num, den = (E * Io).sum(axis=0), (Io**2).sum(axis=0)
-        raw = np.clip(np.divide(num, den, out=np.zeros_like(num), where=den > 1e-12), 0, MAX_W)
+        raw = np.clip(np.divide(num, den, out=np.zeros_like(num), where=den > 1e-12), 0, 1)
         # evidence: the share of the field's out-of-fold squared error the image part
         # removes at its best weight (rho^2); with no signal n rho^2 ~ chi2(1), so the
         # factor 1 - EVIDENCE / (n rho^2) gives weight only where it exceeds the chi2(1)
@@ -191,14 +181,14 @@ class Hybrid(SuperpixelMethod):
         evidence = np.clip(1 - EVIDENCE / np.maximum(len(Yo) * rho2, 1e-12), 0, 1)
         self.image_weight_ = (evidence * ((1 - self.shrink) * raw + self.shrink * raw.mean())
                               ).astype(np.float32)
-        self.cv_pcc_interpolation_ = _pcc(Fo, Yo).astype(np.float32)
-        self.cv_pcc_ = _pcc(Fo + self.image_weight_ * Io, Yo).astype(np.float32)
+        self.cv_pcc_interpolation_ = metrics.pcc_per_gene(Fo, Yo).astype(np.float32)
+        self.cv_pcc_ = metrics.pcc_per_gene(Fo + self.image_weight_ * Io, Yo).astype(np.float32)
 
         final = ridge([(t, np.arange(len(t["Y"]))) for t in tables])
         self.coef_ = np.asarray(final.coef_, dtype=np.float32).T.copy()  # (features, genes)
         self.intercept_ = np.asarray(final.intercept_, dtype=np.float32).reshape(-1)
         self.alpha_ = float(final.alpha_)
-        self.spots_ = {_section_key(s, fm.grid, self.genes_): self._field_state(t)
+        self.spots_ = {section_key(s, fm.grid, self.genes_): self._field_state(t)
                        for s, fm, t in zip(sections, features, tables)}
 
     def _image(self, X: np.ndarray) -> np.ndarray:
@@ -238,7 +228,7 @@ class Hybrid(SuperpixelMethod):
             raise InputError(f"hybrid interpolates the measured spots of the section it "
                              f"predicts, but section {section.name!r} lacks fitted genes "
                              f"{missing[:5]}")
-        s = self.spots_.get(_section_key(section, features.grid, self.genes_))
+        s = self.spots_.get(section_key(section, features.grid, self.genes_))
         if s is None:  # another measured section: its own spots make the field
             t = spot_table(section, features, self.genes_)
             t["h"], _ = loo_bandwidth(t["xy_um"], t["Y"], self.k)
