@@ -10,6 +10,18 @@ lattice (55 um spots, 100 um pitch) over the tissue gets synthetic counts.
 
 prints one JSON line (sizes in MB, times in s). Goal: peak_rss_mb < 3072 at 30000 and 40000 px,
 and not growing with ``--size``.
+
+``--pipeline`` measures the real path instead: the stages of ``histosr run``
+(:func:`histosr.pipeline.run` on the procedural section: features, fit, predict, score,
+write ``prediction.h5ad`` / ``prediction_spots.h5ad`` / ``maps.zarr``, previews, report) with
+istar (``--epochs`` x 1 state) and ``--genes`` (default 1000) genes, each size of ``--sizes``
+in its own process so every peak is that size's own::
+
+    nice python benchmarks/wholeslide_memory.py --pipeline --sizes 13000 20000 40000
+
+prints one JSON line per size (peak RSS, per-stage peak RSS and seconds, output sizes),
+then the knn / 20-gene ``features`` + ``predict_maps`` line of the smallest size as the
+reference, then a summary line. Goal: peak_rss_mb < 3072 at every size, not growing with it.
 """
 
 from __future__ import annotations
@@ -188,6 +200,8 @@ def synthetic_section(size: int, um_per_px: float, n_genes: int, seed: int = 0) 
 def _mb_on_disk(path: Path) -> float:
     if not path.exists():
         return 0.0
+    if path.is_file():
+        return path.stat().st_size / 2**20
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
@@ -195,15 +209,89 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KB on Linux
 
 
+def run_pipeline(args) -> dict:
+    """One size through :func:`histosr.pipeline.run` (this process): peak RSS per stage."""
+    from histosr.pipeline import run
+
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    section = synthetic_section(args.size, args.um_per_px, args.genes)
+    t_sec = time.perf_counter() - t0
+    rss_section = _peak_rss_mb()
+    cfg = {"section": {"path": f"procedural:{args.size}"},
+           "method": {"name": "istar", "params": {"epochs": args.epochs, "n_states": 1}},
+           "genes": {"n_top": args.genes, "min_frac": 0.0},
+           "predict": {"n_previews": 2}, "seed": 0}
+    t0 = time.perf_counter()
+    rep = run(cfg, out=out / "run", progress=args.progress, section=section)
+    wall = time.perf_counter() - t0
+    files = {k: round(_mb_on_disk(out / "run" / k), 1)
+             for k in ("prediction.h5ad", "prediction_spots.h5ad", "maps.zarr", "model")}
+    res = {"mode": "pipeline", "size_px": args.size, "um_per_px": args.um_per_px,
+           "n_spots": section.n_spots, "genes": args.genes, "method": "istar",
+           "epochs": args.epochs, "n_superpixels": rep.outputs.get("n_superpixels"),
+           "seconds_section": round(t_sec, 2), "seconds_run": round(wall, 2),
+           "peak_rss_mb_section": round(rss_section, 1),
+           "stage_seconds": rep.timings, "stage_peak_rss_mb": rep.stage_rss_mb,
+           "outputs_mb_on_disk": files, "peak_rss_mb": round(_peak_rss_mb(), 1),
+           "goal_peak_rss_mb": 3072}
+    res["ok"] = res["peak_rss_mb"] < 3072
+    shutil.rmtree(out, ignore_errors=True)  # the outputs of a 40,000 px slide are GBs
+    return res
+
+
+def pipeline_sizes(args) -> bool:
+    """Each size in its own process (peak RSS is per process), then the knn reference."""
+    import subprocess
+
+    lines = []
+    base = [sys.executable, __file__, "--um-per-px", str(args.um_per_px),
+            "--tile-sp", str(args.tile_sp)]
+    for size in args.sizes:
+        cmd = base + ["--pipeline", "--size", str(size), "--genes", str(args.genes),
+                      "--epochs", str(args.epochs), "--out", f"{args.out}/p{size}"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode not in (0, 1):
+            raise RuntimeError(f"size {size} failed:\n{r.stderr[-3000:]}")
+        lines.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    ref = subprocess.run(base + ["--size", str(min(args.sizes)), "--genes", "20",
+                                 "--out", f"{args.out}/knn"], capture_output=True, text=True)
+    if ref.returncode not in (0, 1):
+        raise RuntimeError(f"knn reference failed:\n{ref.stderr[-3000:]}")
+    print(ref.stdout.strip().splitlines()[-1], flush=True)
+    peaks = [r["peak_rss_mb"] for r in lines]
+    summary = {"summary": "pipeline", "sizes": list(args.sizes), "peak_rss_mb": peaks,
+               "n_superpixels": [r["n_superpixels"] for r in lines],
+               "growth_largest_vs_smallest": round(peaks[-1] / peaks[0], 3),
+               "goal_peak_rss_mb": 3072, "ok": max(peaks) < 3072}
+    print(json.dumps(summary), flush=True)
+    return summary["ok"]
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=30000, help="slide side in px")
     ap.add_argument("--um-per-px", type=float, default=0.5)
-    ap.add_argument("--genes", type=int, default=20)
+    ap.add_argument("--genes", type=int, default=None,
+                    help="genes (default 20; 1000 with --pipeline)")
     ap.add_argument("--out", default="wholeslide_memory_out")
     ap.add_argument("--tile-sp", type=int, default=64)
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--pipeline", action="store_true",
+                    help="measure the histosr run stages (istar, --genes genes) instead")
+    ap.add_argument("--sizes", type=int, nargs="+", default=None,
+                    help="with --pipeline: several sizes, each in its own process")
+    ap.add_argument("--epochs", type=int, default=2, help="istar epochs with --pipeline")
     args = ap.parse_args(argv)
+    if args.genes is None:
+        args.genes = 1000 if args.pipeline else 20
+    if args.pipeline and args.sizes:
+        return {"ok": pipeline_sizes(args)}
+    if args.pipeline:
+        res = run_pipeline(args)
+        print(json.dumps(res), flush=True)
+        return res
 
     import psutil
 

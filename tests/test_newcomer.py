@@ -100,7 +100,7 @@ def test_fit_defaults_to_the_top_genes_and_refuses_huge_predictions(pair):
     assert m.genes_ == hs.pp.select_genes(sec, 1000)
     assert hs.fit(sec, fm, method="knn", genes="all").genes_ == sec.genes
     with pytest.raises(PredictionTooLargeError, match=r"superpixels x .* genes in memory needs "
-                       r"about .* GB.*predict_maps"):
+                       r"about .* GB.*stream_prediction"):
         m.predict(sec, fm, max_bytes=1000)
 
 

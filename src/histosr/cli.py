@@ -277,7 +277,7 @@ def _predict_image(args, method) -> int:
 
 def cmd_predict(args) -> int:
     from .methods.base import SUPERPIXEL, load_method
-    from .outputs import write_h5ad, write_maps_from_anndata
+    from .outputs import stream_prediction, write_h5ad
     from .pl import previews
 
     if args.section is None:
@@ -297,15 +297,18 @@ def cmd_predict(args) -> int:
     section = _read(args)
     at = args.at or method.target
     fm = _features_for(args, section, Path(args.out)) if method.kind == SUPERPIXEL else None
-    pred = method.predict(section, fm, at=at)
-    if pred.uns["histosr"].get("in_sample"):
+    if method.fitted_on(section):
         warnings.warn(f"section {section.name!r} is one the model was fitted on: this prediction "
                       "is in-sample (use `histosr benchmark` for held-out scores)", stacklevel=2)
     out = Path(args.out)
-    p = write_h5ad(pred, out / "prediction.h5ad", section=section)  # + scanpy uns["spatial"]
-    if at == "superpixels":
-        write_maps_from_anndata(pred, out / "maps.zarr")
     show = _warn_unfitted(method, _genes_arg(args))
+    if at == "superpixels":  # streamed to disk: the tissue x genes never sits in memory
+        sp = stream_prediction(method, section, fm, out / "prediction.h5ad", out / "maps.zarr",
+                               keep=show, progress=not args.quiet)
+        p, pred = sp.h5ad, sp.kept
+    else:
+        pred = method.predict(section, fm, at=at)
+        p = write_h5ad(pred, out / "prediction.h5ad", section=section)  # + uns["spatial"]
     if show:
         spots = section.counts[:, [g for g in show if g in section.counts.var_names]].copy()
         previews(pred, show, out / "previews", section=section, spots=spots)

@@ -29,6 +29,8 @@ FLOOR = 1e-3
 K_SPOTS = 6
 #: inverse-distance power (Shepard's choice: continuous, nearest dominate)
 POWER = 2.0
+#: superpixels predicted at once when the prediction is summed or streamed (x genes x 8 B)
+CELL_BLOCK = 8192
 
 
 @dataclass
@@ -43,24 +45,43 @@ class ConsistencyScaler:
     _owner: np.ndarray | None = field(default=None, init=False, repr=False)
 
     @classmethod
-    def from_method(cls, method, section, features) -> ConsistencyScaler:
+    def from_method(cls, method, section, features,
+                    block: int = CELL_BLOCK) -> ConsistencyScaler:
+        """Factors of ``method``'s prediction at the section's measured spots, predicted
+        ``block`` superpixels at a time (memory bounded by the block, not the spots)."""
         grid = features.grid
         F = section_footprints(section, grid)
         cells = np.unique(F.indices)
-        pred = np.asarray(method._predict_cells(section, features, cells), dtype=np.float64)
+        Fc = F[:, cells].tocsc()
+        sums = np.zeros((F.shape[0], len(method.genes_)))
+        total = np.zeros(len(method.genes_))
+        for i in range(0, len(cells), block):
+            pred = np.asarray(method._predict_cells(section, features, cells[i : i + block]),
+                              dtype=np.float64)
+            sums += Fc[:, i : i + block] @ pred
+            total += pred.sum(axis=0)
         measured = section.dense_counts(method.genes_)
-        return cls.fit(grid, section.spot_footprints(), F[:, cells], pred, measured,
-                       diameter_um=section.spot_diameter_um, inside=cells)
+        return cls._from_sums(grid, section.spot_footprints(), sums,
+                              total / max(len(cells), 1), np.asarray(Fc.sum(axis=1)).ravel(),
+                              measured, section.spot_diameter_um, cells)
 
     @classmethod
     def fit(cls, grid, footprints, F, pred, measured, diameter_um: float | None = None,
             inside: np.ndarray | None = None) -> ConsistencyScaler:
         """``F`` (n_spots, n_cells) footprint matrix over the cells of ``pred`` (n_cells, G);
         ``inside``: the flat indices of those cells (the footprints' union)."""
-        mean = pred.mean(axis=0)
+        pred = np.asarray(pred, dtype=np.float64)
+        return cls._from_sums(grid, footprints, np.asarray(F @ pred), pred.mean(axis=0),
+                              np.asarray(F.sum(axis=1)).ravel(), measured, diameter_um, inside)
+
+    @classmethod
+    def _from_sums(cls, grid, footprints, sums, mean, n_cells, measured, diameter_um,
+                   inside) -> ConsistencyScaler:
+        """From each footprint's predicted sums (n_spots, G), the mean predicted value per
+        superpixel (G,) and each footprint's number of superpixels (n_spots,)."""
         # a gene predicted as zero everywhere gets a flat floor (any constant: it is rescaled)
         floor = np.where(mean > 1e-8, FLOOR * mean, 1.0)
-        sums = np.asarray(F @ (pred + floor))
+        sums = sums + n_cells[:, None] * floor[None, :]  # = F @ (pred + floor)
         factors = measured / np.maximum(sums, 1e-12)
         return cls(grid, footprints, factors.astype(np.float32), floor.astype(np.float32),
                    diameter_um, None if inside is None else np.sort(np.asarray(inside)))

@@ -20,11 +20,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
+import pandas as pd
 
 from .features.featuremap import create_zarr_array
+from .methods.base import superpixel_anndata
 
 #: ``var`` column: per-gene Pearson r of the method at held-out measured spots (self-validation)
 HELDOUT_PCC = "heldout_pcc"
@@ -106,47 +110,184 @@ def write_h5ad(adata, path: str | Path, section=None, images: dict | None = None
     return path
 
 
-def predict_maps(method, section, features, path: str | Path, genes: list[str] | None = None,
-                 block_rows: int = 64, consistency: bool | None = None,
-                 progress: bool = True) -> Path:
-    """Stream super-resolved gene maps into a zarr group ``maps`` (G, H_sp, W_sp) float32
-    (counts per 8 um superpixel, 0 outside tissue), block of superpixel rows by block:
-    memory stays bounded by the block, whatever the slide size."""
+#: superpixel rows of one streamed band (and of one zarr map chunk)
+MAP_ROWS = 32
+#: observations per chunk of the streamed ``X`` (x up to 64 genes: 1 MB float32 chunks)
+X_CHUNK_ROWS = 4096
+#: ``var`` columns the streamed prediction adds: per-gene statistics over the tissue
+PRED_MEAN, PRED_MAX = "mean_per_superpixel", "max_per_superpixel"
+
+
+@dataclass
+class StreamedPrediction:
+    """What :func:`stream_prediction` wrote. ``kept``: the ``keep`` genes in memory (an
+    AnnData like the file's, e.g. for previews); ``var``: the file's ``var`` (with
+    :data:`PRED_MEAN`, :data:`PRED_MAX`)."""
+
+    h5ad: Path | None
+    maps: Path | None
+    n_obs: int
+    var: pd.DataFrame
+    kept: ad.AnnData | None = None
+    consistency: bool = False
+
+
+def stream_prediction(method, section, features, h5ad: str | Path | None = None,
+                      maps: str | Path | None = None, var: pd.DataFrame | None = None,
+                      images: dict | None = None, keep=(), consistency: bool | None = None,
+                      scaler=None, maps_genes: list[str] | None = None,
+                      progress: bool = True) -> StreamedPrediction:
+    """Predict every tissue superpixel a band of :data:`MAP_ROWS` superpixel rows at a time
+    and stream it to disk, never holding the tissue x genes prediction in memory:
+
+    * ``h5ad``: the AnnData of :meth:`~histosr.methods.base.SuperpixelMethod.predict`
+      (``at="superpixels"``; counts per 8 um superpixel, ``obs`` row/col, ``obsm["spatial"]``
+      x = column, y = row in full-resolution px, scanpy's ``uns["spatial"]``) with ``X``
+      a chunked dense HDF5 dataset, so ``anndata.read_h5ad(path)`` reads it whole and
+      ``read_h5ad(path, backed="r")`` lazily; ``var`` columns are added to its ``var``.
+    * ``maps``: zarr ``maps`` (G, H_sp, W_sp) float32 (0 outside tissue) of ``maps_genes``
+      (default all).
+
+    Memory is bounded by a band (its superpixels x genes) plus the ``keep`` genes' columns.
+    ``scaler``: consistency factors already built (else built when ``consistency``, default
+    the method's setting). Both files appear atomically (temp + rename)."""
     import zarr
     from tqdm.auto import tqdm
 
-    from .consistency import ConsistencyScaler
+    from .consistency import CELL_BLOCK
 
     method.check_fitted()
-    genes = list(genes or method.genes_)
-    gidx = np.array([method.genes_.index(g) for g in genes])
-    use_cons = method.consistency if consistency is None else consistency
-    scaler = ConsistencyScaler.from_method(method, section, features) if use_cons else None
+    genes = list(method.genes_)
+    use_cons = method.consistency if consistency is None else bool(consistency)
+    if use_cons and scaler is None:
+        scaler = method.consistency_scaler(section, features)
+    grid, mask = features.grid, features.mask
     h, w = features.shape
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    root = zarr.open_group(str(tmp), mode="w")
-    maps = create_zarr_array(root, "maps", (len(genes), h, w),
-                             (min(len(genes), 16), min(h, 256), min(w, 256)), "f4")
-    mask = features.mask
-    for r0 in tqdm(range(0, h, block_rows), desc="predict", disable=not progress):
-        r1 = min(r0 + block_rows, h)
-        rr, cc = np.nonzero(mask[r0:r1])
-        block = np.zeros((len(genes), r1 - r0, w), dtype=np.float32)
-        if len(rr):
-            cells = features.grid.flat(rr + r0, cc)
-            vals = np.asarray(method._predict_cells(section, features, cells), np.float32)
-            if scaler is not None:
-                vals = scaler.apply(vals, cells)
-            block[:, rr, cc] = vals[:, gidx].T
-        maps[:, r0:r1, :] = block
-    root.attrs["histosr"] = json.dumps({"genes": genes, "method": method.name,
-                                        "units": "counts per 8 um superpixel",
-                                        "consistency": bool(use_cons)})
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
-    return path
+    n = int(mask.sum())
+    G = len(genes)
+    uns = method.superpixel_uns(section, features, use_cons)
+    v = pd.DataFrame(index=pd.Index(genes))
+    if var is not None:
+        v = v.join(var.reindex(v.index))
+    rel = method.reliability()
+    if rel is not None:
+        for col in rel.columns:
+            v[col] = rel[col].reindex(v.index).to_numpy()
+    keep = [g for g in dict.fromkeys(keep or ()) if g in genes]
+    kidx = np.array([genes.index(g) for g in keep], dtype=np.int64)
+    kept_vals = np.zeros((n, len(keep)), np.float32)
+    kept_r, kept_c = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    mgenes = list(maps_genes or genes)
+    midx = np.array([genes.index(g) for g in mgenes], dtype=np.int64)
+    total, top = np.zeros(G), np.zeros(G)
+
+    f = tmp_h5 = tmp_maps = zmaps = None
+    if h5ad is not None:
+        h5ad = Path(h5ad)
+        h5ad.parent.mkdir(parents=True, exist_ok=True)
+        tmp_h5 = h5ad.with_name(h5ad.name + ".tmp.h5ad")
+        f = _h5ad_skeleton(tmp_h5, n, v, uns, grid, section, images)
+    if maps is not None:
+        maps = Path(maps)
+        tmp_maps = maps.with_name(maps.name + ".tmp")
+        shutil.rmtree(tmp_maps, ignore_errors=True)
+        root = zarr.open_group(str(tmp_maps), mode="w")
+        zmaps = create_zarr_array(root, "maps", (len(mgenes), h, w),
+                                  (min(len(mgenes), 16), min(h, MAP_ROWS), min(w, 256)), "f4")
+    try:
+        i = 0
+        for r0 in tqdm(range(0, h, MAP_ROWS), desc="predict", disable=not progress):
+            r1 = min(r0 + MAP_ROWS, h)
+            rr, cc = np.nonzero(mask[r0:r1])
+            rr = rr + r0
+            band = np.zeros((len(rr), G), np.float32)
+            cells = grid.flat(rr, cc)
+            for b in range(0, len(cells), CELL_BLOCK):
+                band[b : b + CELL_BLOCK] = method.predict_cells(
+                    section, features, cells[b : b + CELL_BLOCK], scaler=scaler)
+            j = i + len(rr)
+            if len(rr):
+                total += band.sum(axis=0, dtype=np.float64)
+                np.maximum(top, band.max(axis=0), out=top)
+                kept_vals[i:j] = band[:, kidx]
+                kept_r[i:j], kept_c[i:j] = rr, cc
+                if f is not None:
+                    f["X"][i:j] = band
+                    f["obs/row"][i:j] = rr
+                    f["obs/col"][i:j] = cc
+                    f["obs/_index"][i:j] = np.array([f"{a}_{b}" for a, b in zip(rr, cc)],
+                                                    dtype=object)
+                    f["obsm/spatial"][i:j] = grid.xy_of_cells(rr, cc)
+            if zmaps is not None:
+                for g0 in range(0, len(mgenes), 16):
+                    gi = midx[g0 : g0 + 16]
+                    slab = np.zeros((len(gi), r1 - r0, w), np.float32)
+                    slab[:, rr - r0, cc] = band[:, gi].T
+                    zmaps[g0 : g0 + len(gi), r0:r1, :] = slab
+            i = j
+        v[PRED_MEAN] = (total / max(n, 1)).astype(np.float32)
+        v[PRED_MAX] = top.astype(np.float32)
+        if f is not None:
+            from anndata.io import write_elem
+
+            del f["var"]
+            write_elem(f, "var", v)
+            f.close()
+            f = None
+            os.replace(tmp_h5, h5ad)
+        if zmaps is not None:
+            root.attrs["histosr"] = json.dumps({"genes": mgenes, "method": method.name,
+                                                "units": "counts per 8 um superpixel",
+                                                "consistency": bool(use_cons)})
+            shutil.rmtree(maps, ignore_errors=True)
+            tmp_maps.rename(maps)
+    finally:
+        if f is not None:
+            f.close()
+    kept = None
+    if keep:
+        kept = superpixel_anndata(kept_vals, kept_r, kept_c, grid, keep, uns)
+        kept.var = v.loc[keep].copy()
+    return StreamedPrediction(h5ad, maps, n, v, kept, bool(use_cons))
+
+
+def _h5ad_skeleton(path: Path, n: int, var: pd.DataFrame, uns: dict, grid, section, images):
+    """An open (r+) h5ad whose ``X`` (n, G), ``obs`` (index, row, col) and
+    ``obsm["spatial"]`` are full-length datasets to fill: anndata writes a one-row
+    AnnData (its own encoding of every element), then each per-observation dataset is
+    recreated at full length with the same dtype and encoding attributes."""
+    import h5py
+
+    one = superpixel_anndata(np.zeros((1, len(var)), np.float32), np.zeros(1, np.int64),
+                             np.zeros(1, np.int64), grid, list(var.index), uns)
+    one.var = var.copy()
+    if section is not None:
+        add_spatial(one, section, images=images)
+    one.write_h5ad(path)
+    f = h5py.File(path, "r+", rdcc_nbytes=128 << 20, rdcc_nslots=100_003)
+    G = len(var)
+    for name, shape in (("X", (n, G)), ("obs/_index", (n,)), ("obs/row", (n,)),
+                        ("obs/col", (n,)), ("obsm/spatial", (n, 2))):
+        old = f[name]
+        attrs, dtype = dict(old.attrs), old.dtype
+        del f[name]
+        rows = X_CHUNK_ROWS if name == "X" else 4 * X_CHUNK_ROWS
+        chunks = None if n == 0 or G == 0 else \
+            (min(n, rows),) + ((min(G, 64),) if name == "X" else tuple(shape[1:]))
+        ds = f.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks)
+        for k, val in attrs.items():
+            ds.attrs[k] = val
+    return f
+
+
+def predict_maps(method, section, features, path: str | Path, genes: list[str] | None = None,
+                 consistency: bool | None = None, progress: bool = True) -> Path:
+    """Stream super-resolved gene maps into a zarr group ``maps`` (G, H_sp, W_sp) float32
+    (counts per 8 um superpixel, 0 outside tissue), a band of superpixel rows at a time:
+    memory stays bounded by the band, whatever the slide size
+    (:func:`stream_prediction` without the h5ad)."""
+    return stream_prediction(method, section, features, maps=path, maps_genes=genes,
+                             consistency=consistency, progress=progress).maps
 
 
 def maps_from_anndata(adata, genes: list[str]) -> np.ndarray:

@@ -95,9 +95,11 @@ def fit_genes_for(section, gcfg, include=()) -> list[str]:
 
 
 def run(cfg: dict | RunConfig, out: str | Path | None = None,
-        progress: bool = True) -> RunReport:
+        progress: bool = True, section=None) -> RunReport:
     """Run the pipeline for a config (dict or :class:`~histosr.config.RunConfig`); returns
-    the written report."""
+    the written report. ``section``: a :class:`~histosr.section.Section` already built in
+    Python (a simulation, a procedural whole slide), used instead of reading the config's
+    ``section`` block, which then only needs a ``path`` naming it."""
     from .methods.base import SUPERPIXEL, get_method
 
     rc = cfg if isinstance(cfg, RunConfig) else validate(cfg)
@@ -115,14 +117,14 @@ def run(cfg: dict | RunConfig, out: str | Path | None = None,
         method.set_params(consistency=bool(mcfg.consistency))
     method.progress = bool(progress)
     with rep.capture_warnings():  # every warning of the run goes into the report too
-        if not _stages(rep, rc, method, out, cache, progress):
+        if not _stages(rep, rc, method, out, cache, progress, section):
             return rep  # torchrun ranks > 0 only help training; rank 0 writes the outputs
     rep.write()
     return rep
 
 
 def _stages(rep: RunReport, rc: RunConfig, method, out: Path, cache: Path,
-            progress: bool) -> bool:
+            progress: bool, section=None) -> bool:
     """The run's stages, recorded in ``rep``; False on torchrun ranks > 0 (they write
     nothing)."""
     from . import train
@@ -131,7 +133,8 @@ def _stages(rep: RunReport, rc: RunConfig, method, out: Path, cache: Path,
 
     mcfg = rc.method
     with rep.stage("read"):
-        section = read_section(rc.section.model_dump())
+        if section is None:
+            section = read_section(rc.section.model_dump())
     rep.notes.append(repr(section))
     check_trainable(section)
     pathways = rc.analysis.pathways()  # gene sets read (and checked) before any heavy work
@@ -198,57 +201,91 @@ def _preview_genes(rc: RunConfig, genes: list[str]) -> list[str]:
 
 
 def _superpixel_outputs(rep, method, section, fm, rc: RunConfig, out: Path) -> None:
+    """Spots first (consistency factors, in-sample agreement), then every tissue superpixel
+    streamed to ``prediction.h5ad`` and ``maps.zarr`` (:func:`histosr.outputs.
+    stream_prediction`): the tissue x genes prediction is never held in memory. Optional
+    analyses (cells, pathways, interactions, SpatialData) read the written file."""
+    import pandas as pd
+
     from .metrics import log_cp10k, pcc_per_gene
-    from .outputs import IN_SAMPLE_PCC, spatial_images, write_h5ad, write_maps_from_anndata
+    from .outputs import (
+        IN_SAMPLE_PCC,
+        PRED_MAX,
+        PRED_MEAN,
+        spatial_images,
+        stream_prediction,
+        write_h5ad,
+    )
     from .pl import previews
 
-    with rep.stage("predict"):
-        pred = method.predict(section, fm, at="superpixels")
-        spots_pred = method.predict(section, fm, at="spots")
     with rep.stage("score"):
         # In-sample agreement with the measured spots, BEFORE the consistency step (which
         # makes footprint sums equal the measurements by construction). Training spots:
         # not held out. Both sides log1p CP10k over the fitted genes, each with its own
         # library: composition, not library size (which the image model would otherwise
         # get credit for).
+        scaler = method.consistency_scaler(section, fm) if method.consistency else None
+        spots_pred = method.predict(section, fm, at="spots", scaler=scaler)
         raw = method.predict(section, fm, at="spots", consistency=False)
-        r = pcc_per_gene(log_cp10k(raw.X), log_cp10k(section.dense_counts(method.genes_)))
-        for a in (pred, spots_pred):
-            a.var[IN_SAMPLE_PCC] = np.asarray(r, dtype=np.float32)
+        r = np.asarray(pcc_per_gene(log_cp10k(raw.X), log_cp10k(section.dense_counts(
+            method.genes_))), dtype=np.float32)
+        spots_pred.var[IN_SAMPLE_PCC] = r
     rep.metrics["in_sample_spot_pcc_mean"] = float(np.mean(r))
     rep.metrics["in_sample_spot_pcc_median"] = float(np.median(r))
     rep.notes.append("in-sample metrics compare the image model's footprint sums (before "
                      "consistency) with the spots it was fitted on; use `histosr benchmark` for "
                      "held-out scores")
+    show = _preview_genes(rc, method.genes_)
+    images = spatial_images(section.image)  # scanpy's uns["spatial"], shared by both files
+    with rep.stage("predict"):  # streamed to disk, a band of superpixel rows at a time
+        sp = stream_prediction(method, section, fm, out / "prediction.h5ad", out / "maps.zarr",
+                               var=pd.DataFrame({IN_SAMPLE_PCC: r}, index=method.genes_),
+                               images=images, keep=show, scaler=scaler,
+                               progress=method.progress)
+    rep.outputs["prediction"] = str(sp.h5ad)
+    rep.outputs["maps"] = str(sp.maps)
+    rep.outputs["n_superpixels"] = int(sp.n_obs)
+    rep.outputs["n_genes"] = len(method.genes_)
     with rep.stage("write"):
-        images = spatial_images(section.image)  # scanpy's uns["spatial"], shared by both
-        rep.outputs["prediction"] = str(write_h5ad(pred, out / "prediction.h5ad",
-                                                   section=section, images=images))
         rep.outputs["spots"] = str(write_h5ad(spots_pred, out / "prediction_spots.h5ad",
                                               section=section, images=images))
-        rep.outputs["maps"] = str(write_maps_from_anndata(pred, out / "maps.zarr"))
+    _self_validation(rep, method, out)
+    with rep.stage("previews"):
+        spots = section.counts[:, show].copy() if show else None
+        rep.images += previews(sp.kept, show, out / "previews", section=section, spots=spots) \
+            if show else []
+    extra = {"mean per superpixel": dict(zip(sp.var.index, sp.var[PRED_MEAN])),
+             "max per superpixel": dict(zip(sp.var.index, sp.var[PRED_MAX]))}
+    _describe_results(rep, method, section, sp.var, sp.n_obs, out, show, superpixels=True,
+                      extra=extra)
+    pathways = rc.analysis.pathways()
+    if not (rc.outputs.spatialdata or rc.outputs.cells or rc.analysis.interactions
+            or bool(pathways)):
+        return
+    import anndata
+
+    # the optional analyses read the written prediction (backed: X stays on disk where
+    # they read it by columns or rows)
+    pred = anndata.read_h5ad(sp.h5ad, backed="r")
+    try:
         if rc.outputs.spatialdata:
             from .io import write_spatialdata
 
-            rep.outputs["spatialdata"] = str(write_spatialdata(out / "spatialdata.zarr",
-                                                               section, pred))
-        rep.outputs["n_superpixels"] = int(pred.n_obs)
-        rep.outputs["n_genes"] = int(pred.n_vars)
-    _self_validation(rep, method, out)
-    with rep.stage("previews"):
-        show = _preview_genes(rc, method.genes_)
-        spots = section.counts[:, show].copy() if show else None
-        rep.images += previews(pred, show, out / "previews", section=section, spots=spots)
-    if rc.outputs.cells:  # cells x genes: segmentation of the H&E + the prediction per cell
-        from .singlecell import run_in_pipeline
+            with rep.stage("spatialdata"):
+                rep.outputs["spatialdata"] = str(write_spatialdata(out / "spatialdata.zarr",
+                                                                   section, pred))
+        if rc.outputs.cells:  # cells x genes: segmentation of the H&E + the prediction per cell
+            from .singlecell import run_in_pipeline
 
-        run_in_pipeline(rc.outputs.cells, pred, section, out, rep, genes=show,
-                        progress=method.progress)
-    _describe_results(rep, method, section, pred, out, show, superpixels=True)
-    from . import interactions
+            run_in_pipeline(rc.outputs.cells, pred, section, out, rep, genes=show,
+                            progress=method.progress)
+        from . import interactions
 
-    rc.analysis.pathways().run(pred, spots_pred, section, out, rep)  # pathway maps, ORA
-    interactions.run_in_pipeline(rc.analysis.model_dump(), pred, spots_pred, section, out, rep)
+        pathways.run(pred, spots_pred, section, out, rep)  # pathway maps, ORA
+        interactions.run_in_pipeline(rc.analysis.model_dump(), pred, spots_pred, section, out,
+                                     rep)
+    finally:
+        pred.file.close()
 
 
 def _self_validation(rep, method, out: Path) -> None:
@@ -304,21 +341,23 @@ def _spot_outputs(rep, method, section, rc: RunConfig, out: Path) -> None:
     if rc.outputs.cells:
         rep.notes.append("outputs.cells aggregates a super-resolved 8 um map over segmented "
                          "cells: not run for a spot-level method")
-    _describe_results(rep, method, section, spots_pred, out, show, superpixels=False)
+    _describe_results(rep, method, section, spots_pred.var, spots_pred.n_obs, out, show,
+                      superpixels=False)
     if rc.analysis.interactions:
         rep.notes.append("analysis.interactions compares the measured spots with a "
                          "super-resolved map: not run for a spot-level method")
 
 
-def _describe_results(rep, method, section, pred, out: Path, shown: list[str],
-                      superpixels: bool) -> None:
-    """The report's summary, per-gene table and next steps for a finished prediction."""
+def _describe_results(rep, method, section, var, n_obs: int, out: Path, shown: list[str],
+                      superpixels: bool, extra: dict | None = None) -> None:
+    """The report's summary, per-gene table and next steps for a finished prediction
+    (``var``, ``n_obs``: the prediction's)."""
     from .report import gene_table, next_steps
 
-    rows, validated = gene_table(pred.var, section, shown)
+    rows, validated = gene_table(var, section, shown, extra=extra)
     rep.genes = rows
-    what = (f"{pred.n_obs:,} tissue superpixels of 8 um" if superpixels
-            else f"its {pred.n_obs:,} spots (log1p CP10k per spot)")
+    what = (f"{n_obs:,} tissue superpixels of 8 um" if superpixels
+            else f"its {n_obs:,} spots (log1p CP10k per spot)")
     cons = ", consistency on" if getattr(method, "consistency", False) else ""
     rep.summary.append(
         f"{method.name} ({method.kind}) predicted {len(method.genes_):,} genes of section "

@@ -38,6 +38,10 @@ PRINT_ROWS = 30
 MAX_IMAGE_BYTES = 400_000
 
 
+def _rss(mb) -> str:
+    return "" if mb is None else f"{float(mb):,.0f}"
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process (MB)."""
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -73,6 +77,8 @@ class RunReport:
     out_dir: Path
     params: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    #: per stage, the process's peak resident memory (MB) when the stage ended
+    stage_rss_mb: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
     images: list = field(default_factory=list)
@@ -100,6 +106,7 @@ class RunReport:
             yield
         finally:
             self.timings[name] = round(time.perf_counter() - t, 2)
+            self.stage_rss_mb[name] = round(peak_rss_mb(), 1)
 
     @contextmanager
     def capture_warnings(self):
@@ -241,7 +248,8 @@ class RunReport:
 
         return {"title": self.title, "summary": self.summary, "params": self.params,
                 "timings_s": self.timings, "total_s": round(time.perf_counter() - self._t0, 2),
-                "peak_rss_mb": round(peak_rss_mb(), 1), "metrics": self.metrics,
+                "peak_rss_mb": round(peak_rss_mb(), 1),
+                "stage_peak_rss_mb": self.stage_rss_mb, "metrics": self.metrics,
                 "outputs": self.outputs, "notes": self.notes, "ran": self.ran,
                 "settings": self.settings, "input": self.input_qc,
                 "comparisons": self.comparisons, "tables": self.tables, "genes": self.genes,
@@ -676,17 +684,20 @@ def render_html(d: dict, out_dir: Path) -> str:
         add("genes", "Per gene", body)
     t = d.get("timings_s", {})
     tot = max([float(d.get("total_s") or 0)] + [float(v) for v in t.values()] + [1e-9])
+    rss = d.get("stage_peak_rss_mb") or {}
     trs = "".join(
-        f"<tr><th>{_e(k)}</th><td class='num'>{float(v):.2f}</td><td style='width:50%'>"
+        f"<tr><th>{_e(k)}</th><td class='num'>{float(v):.2f}</td>"
+        f"<td class='num'>{_rss(rss.get(k))}</td><td style='width:50%'>"
         f"<span class='bar' style='width:{100 * float(v) / tot:.1f}%'></span></td></tr>"
         for k, v in t.items())
     if "report" not in t:  # written last: its time is filled in after rendering
-        trs += ("<tr><th>report</th><td class='num'><!--REPORT_TIME--></td><td></td></tr>")
+        trs += ("<tr><th>report</th><td class='num'><!--REPORT_TIME--></td><td></td>"
+                "<td></td></tr>")
     add("timings", "Timings and memory",
         f"<p>Total {float(d.get('total_s') or 0):.1f} s; peak memory (resident) "
         f"{float(d.get('peak_rss_mb') or 0):,.0f} MB; this report took "
         "<!--REPORT_TIME--> s to write.</p>"
-        f'<div class="scroll"><table><thead><tr><th>stage</th><th>seconds</th><th></th></tr>'
+        f'<div class="scroll"><table><thead><tr><th>stage</th><th>seconds</th><th>peak MB so far</th><th></th></tr>'
         f"</thead><tbody>{trs}</tbody></table></div>")
     ws = d.get("warnings") or []
     own = [w for w in ws if w.get("origin") == "histosr"]

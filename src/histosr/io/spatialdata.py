@@ -229,7 +229,8 @@ def _dask_image(image: ImageSource, chunk: int = 2048):
 def _table(adata, region: str):
     from spatialdata.models import TableModel
 
-    t = adata.copy()
+    # SpatialData tables live in memory: a backed prediction (histosr run's) is read here
+    t = adata.to_memory() if adata.isbacked else adata.copy()
     t.obs = t.obs.copy()
     t.obs["region"] = pd.Categorical([region] * t.n_obs)
     t.obs["instance_id"] = np.arange(t.n_obs)

@@ -343,7 +343,7 @@ class SuperpixelMethod(Method):
 
     def predict(self, section, features=None, at: str | np.ndarray | None = None,
                 consistency: bool | None = None, diameter_um: float | None = None,
-                max_bytes: float | None = None) -> ad.AnnData:
+                max_bytes: float | None = None, scaler=None) -> ad.AnnData:
         """Predict expression.
 
         ``at``: ``None``/``"superpixels"`` (one observation per tissue superpixel, counts per
@@ -355,21 +355,24 @@ class SuperpixelMethod(Method):
         The superpixel prediction is built in memory: when it would need more than
         ``max_bytes`` (default: 60% of the memory available now) this raises
         :class:`PredictionTooLargeError` with the size; stream it to disk with
-        :func:`histosr.outputs.predict_maps` instead (``histosr run`` writes maps that way).
+        :func:`histosr.outputs.stream_prediction` (the same AnnData as a chunked h5ad, and
+        zarr maps) instead: ``histosr run`` writes its outputs that way. ``scaler``: the
+        consistency factors of :meth:`consistency_scaler`, when already built.
         """
         self.check_fitted()
         features = self._features_for([section], None if features is None else [features])[0]
         grid = features.grid
         use_cons = self.consistency if consistency is None else bool(consistency)
         at = "superpixels" if at is None else at
-        uns = self._uns(section, encoder=features.encoder,
-                        encoder_meta=dumps(features.meta), um_per_px=float(grid.um_per_px),
-                        superpixel_um=8.0, consistency=use_cons)
+        uns = self.superpixel_uns(section, features, use_cons)
+        if use_cons and scaler is None:
+            scaler = self.consistency_scaler(section, features)
+        scaler = scaler if use_cons else None
         if isinstance(at, str) and at == "superpixels":
             r, c = features.tissue_cells()
             self._check_size(len(r), use_cons, max_bytes)
             cells = grid.flat(r, c)
-            vals = self.predict_cells(section, features, cells, use_cons)
+            vals = self.predict_cells(section, features, cells, scaler=scaler)
             return self._add_reliability(superpixel_anndata(vals, r, c, grid, self.genes_, uns))
         if isinstance(at, str) and at == "spots":
             fps, ids, xy = section.spot_footprints(), section.counts.obs_names, section.xy
@@ -381,16 +384,20 @@ class SuperpixelMethod(Method):
             fps, ids = [p[None] for p in xy], [str(i) for i in range(len(xy))]
             uns["in_sample"] = False
         d = diameter_um or section.spot_diameter_um
-        F = footprint_matrix(grid, fps, d)
-        cells = np.unique(F.indices)
-        vals = self.predict_cells(section, features, cells, use_cons)
-        X = np.asarray(F[:, cells] @ vals, dtype=np.float32)
+        X = self.footprint_sums(section, features, footprint_matrix(grid, fps, d), scaler)
         out = ad.AnnData(X=X, obs=pd.DataFrame(index=pd.Index([str(i) for i in ids])),
                          var=pd.DataFrame(index=pd.Index(self.genes_)))
         out.obsm["spatial"] = np.asarray(xy, dtype=np.float64)
         uns["scale"] = "counts per spot footprint (sum over its 8 um superpixels)"
         out.uns["histosr"] = uns
         return self._add_reliability(out)
+
+    def superpixel_uns(self, section, features, consistency: bool) -> dict:
+        """``uns["histosr"]`` of a prediction at this section's superpixels (without the
+        grid shape, which :func:`superpixel_anndata` adds)."""
+        return self._uns(section, encoder=features.encoder, encoder_meta=dumps(features.meta),
+                         um_per_px=float(features.grid.um_per_px), superpixel_um=8.0,
+                         consistency=bool(consistency))
 
     def _check_size(self, n_cells: int, consistency: bool, max_bytes: float | None) -> None:
         need = float(n_cells) * len(self.genes_) * 4 * (3 if consistency else 2)
@@ -403,20 +410,41 @@ class SuperpixelMethod(Method):
                 f"predicting {n_cells:,} superpixels x {len(self.genes_):,} genes in memory "
                 f"needs about {need / 2**30:.1f} GB, more than the {max_bytes / 2**30:.1f} GB "
                 "allowed: fit fewer genes (the default is the top 1000 of "
-                "hs.pp.select_genes), predict at='spots', or stream the maps to disk with "
-                "histosr.outputs.predict_maps(method, section, features, 'maps.zarr')")
+                "hs.pp.select_genes), predict at='spots', or stream it to disk with "
+                "histosr.outputs.stream_prediction(method, section, features, "
+                "'prediction.h5ad', 'maps.zarr')")
 
     def predict_cells(self, section, features, flat_cells: np.ndarray,
-                      consistency: bool = False) -> np.ndarray:
+                      consistency: bool = False, scaler=None) -> np.ndarray:
         """Counts per superpixel at the given flat cells, optionally made consistent with
-        the section's measured spots."""
+        the section's measured spots (``scaler``: a
+        :class:`~histosr.consistency.ConsistencyScaler` already built, else one is built
+        when ``consistency``)."""
+        vals = np.asarray(self._predict_cells(section, features, flat_cells), dtype=np.float32)
+        if scaler is None and consistency:
+            scaler = self.consistency_scaler(section, features)
+        return vals if scaler is None else scaler.apply(vals, flat_cells)
+
+    def consistency_scaler(self, section, features):
+        """The consistency step's factors for ``section`` (its measured spots)."""
         from ..consistency import ConsistencyScaler
 
-        vals = np.asarray(self._predict_cells(section, features, flat_cells), dtype=np.float32)
-        if consistency:
-            scaler = ConsistencyScaler.from_method(self, section, features)
-            vals = scaler.apply(vals, flat_cells)
-        return vals
+        return ConsistencyScaler.from_method(self, section, features)
+
+    def footprint_sums(self, section, features, F, scaler=None) -> np.ndarray:
+        """(n_footprints, G) float32 sums of the prediction over the rows of the footprint
+        matrix ``F`` (n_footprints, n_grid_cells), predicted a block of superpixels at a
+        time: memory grows with the footprints, not with the cells they cover."""
+        from ..consistency import CELL_BLOCK
+
+        cells = np.unique(F.indices)
+        Fc = F[:, cells].tocsc()
+        X = np.zeros((F.shape[0], len(self.genes_)), dtype=np.float64)
+        for i in range(0, len(cells), CELL_BLOCK):
+            blk = cells[i : i + CELL_BLOCK]
+            X += Fc[:, i : i + CELL_BLOCK] @ self.predict_cells(section, features, blk,
+                                                                scaler=scaler)
+        return X.astype(np.float32)
 
 
 def load_method(path: str | Path, **runtime) -> Method:

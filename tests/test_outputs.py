@@ -1,0 +1,64 @@
+"""Streamed outputs (``histosr run``'s path): the same AnnData and maps as in memory."""
+
+import anndata as ad
+import numpy as np
+import pytest
+import zarr
+
+import histosr as hs
+import histosr.consistency as consistency
+import histosr.outputs as outputs
+from histosr.simulate import synthetic_visium
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    s = synthetic_visium(seed=5, size_um=700)
+    fm = hs.features(s, progress=False)
+    m = hs.fit(s, fm, method="knn", genes=s.genes[:12])
+    return s, fm, m.set_params(consistency=True)
+
+
+def test_streamed_prediction_equals_in_memory(fitted, tmp_path, monkeypatch):
+    s, fm, m = fitted
+    # several bands and several blocks per band, so the stitching is exercised
+    monkeypatch.setattr(outputs, "MAP_ROWS", 5)
+    monkeypatch.setattr(outputs, "X_CHUNK_ROWS", 37)
+    monkeypatch.setattr(consistency, "CELL_BLOCK", 29)
+    keep = [s.genes[3], s.genes[0]]
+    sp = outputs.stream_prediction(m, s, fm, tmp_path / "p.h5ad", tmp_path / "m.zarr",
+                                   keep=keep, progress=False)
+    mem = m.predict(s, fm)  # in memory, consistency on
+    got = ad.read_h5ad(sp.h5ad)
+    assert got.n_obs == sp.n_obs == mem.n_obs and list(got.var_names) == list(mem.var_names)
+    assert list(got.obs_names) == list(mem.obs_names)
+    np.testing.assert_array_equal(got.obs["row"], mem.obs["row"])
+    np.testing.assert_allclose(got.obsm["spatial"], mem.obsm["spatial"])
+    np.testing.assert_allclose(got.X, mem.X, rtol=1e-5, atol=1e-6)
+    assert list(got.uns["histosr"]["grid_shape"]) == list(mem.uns["histosr"]["grid_shape"])
+    assert "spatial" in got.uns  # scanpy's layout
+    # per-gene statistics from the stream
+    np.testing.assert_allclose(got.var[outputs.PRED_MEAN], mem.X.mean(axis=0), rtol=1e-4)
+    np.testing.assert_allclose(got.var[outputs.PRED_MAX], mem.X.max(axis=0), rtol=1e-5)
+    # backed mode reads the chunked X lazily
+    b = ad.read_h5ad(sp.h5ad, backed="r")
+    np.testing.assert_allclose(np.asarray(b[:, keep[0]].X).ravel(),
+                               mem[:, keep[0]].X.ravel(), rtol=1e-5, atol=1e-6)
+    b.file.close()
+    # the kept genes (previews) and the zarr maps hold the same values
+    np.testing.assert_allclose(sp.kept[:, keep[1]].X, mem[:, keep[1]].X, rtol=1e-5,
+                               atol=1e-6)
+    maps = zarr.open_group(str(sp.maps), mode="r")["maps"]
+    r, c = mem.obs["row"].to_numpy(), mem.obs["col"].to_numpy()
+    np.testing.assert_allclose(maps[3][r, c], mem[:, s.genes[3]].X.ravel(), rtol=1e-5,
+                               atol=1e-6)
+    assert float(np.abs(maps[3]).sum()) == pytest.approx(float(mem[:, s.genes[3]].X.sum()),
+                                                        rel=1e-4)  # 0 outside tissue
+    assert not (tmp_path / "p.h5ad.tmp.h5ad").exists() and not (tmp_path / "m.zarr.tmp").exists()
+
+
+def test_blocked_spot_sums_equal_one_block(fitted, monkeypatch):
+    s, fm, m = fitted
+    whole = m.predict(s, fm, at="spots").X
+    monkeypatch.setattr(consistency, "CELL_BLOCK", 7)
+    np.testing.assert_allclose(m.predict(s, fm, at="spots").X, whole, rtol=1e-4, atol=1e-4)
