@@ -101,12 +101,13 @@ class ImageSource:
         if level > 0:
             cache[max_side] = self._thumbnail_from_level(level, f)
             return cache[max_side]
-        strip = 2048 // f * f or f
+        # strips of at most ~64 MB, a multiple of f rows (each keeps the same phase)
+        strip = max(f, (THUMB_STRIP_BYTES // (3 * max(W, 1))) // f * f)
         rows = []
         for y in range(0, H, strip):
             h = min(strip, H - y)
-            a = self.read(y, 0, h, W)[::f, ::f]
-            rows.append(a)
+            # a copy: the strided view would keep every full-resolution strip alive
+            rows.append(np.ascontiguousarray(self.read(y, 0, h, W)[::f, ::f]))
         t = np.concatenate(rows, axis=0)
         th, tw = int(np.ceil(H / f)), int(np.ceil(W / f))
         if t.shape[:2] != (th, tw):
@@ -140,6 +141,10 @@ class ImageSource:
         if a.shape[:2] != (th, tw):
             a = np.asarray(Image.fromarray(a).resize((tw, th), Image.BOX))
         return a
+
+
+#: full-resolution bytes read at once by :meth:`ImageSource.thumbnail`
+THUMB_STRIP_BYTES = 64 << 20
 
 
 def thumbnail_factor(shape, max_side: int) -> int:
