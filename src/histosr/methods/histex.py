@@ -103,13 +103,25 @@ def build_model(d_in: int, n_genes: int, embed_dim: int, heads: int, n_blocks: i
 
         def attend(self, q, K, V):
             n, tq, _ = q.shape
-            Q = self.q(q).view(n, tq, heads, embed_dim // heads).transpose(1, 2)
+            hd, tk = embed_dim // heads, K.shape[2]
+            Q = self.q(q).view(n, tq, heads, hd).transpose(1, 2)
             # softmax(QK^T / sqrt(hd)) V written out: with 5-6 keys (or queries) and
             # head_dim 16 the fused CPU kernel is several times slower than two batched
-            # matmuls, and it has no vmap rule (ensemble members train batched)
-            o = torch.softmax((Q * (1.0 / math.sqrt(Q.shape[-1]))) @ K.transpose(-2, -1),
-                              dim=-1) @ V
-            return self.out(o.transpose(1, 2).reshape(n, tq, embed_dim))
+            # matmuls, and it has no vmap rule (ensemble members train batched). The
+            # scale goes on the side with fewer rows.
+            if tq <= tk:
+                A = torch.softmax((Q * (1.0 / math.sqrt(hd))) @ K.transpose(-2, -1), dim=-1)
+            else:
+                A = torch.softmax(Q @ (K * (1.0 / math.sqrt(hd))).transpose(-2, -1), dim=-1)
+            if heads * tk >= embed_dim:
+                o = (A @ V).transpose(1, 2).reshape(n, tq, embed_dim)
+                return self.out(o)
+            # few keys (5-6 gene-context rows): out = sum_h A_h (V_h Wo_h) + b, with each
+            # head's values pushed through its slice of the output layer first, costs
+            # heads * tk (40) instead of embed_dim (128) multiply-adds per query and output
+            Wo = self.out.weight.t().reshape(heads, hd, embed_dim)
+            VW = (V @ Wo).reshape(n, heads * tk, embed_dim)  # (n, heads * tk, E)
+            return A.transpose(1, 2).reshape(n, tq, heads * tk) @ VW + self.out.bias
 
         def forward(self, q, kv):
             return self.attend(q, *self.project_kv(kv))
