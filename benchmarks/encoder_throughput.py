@@ -22,50 +22,16 @@ import platform
 import sys
 import time
 
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+from histosr.benchmark.speed import count_flops, matmul_probe, sync_device
 
 
-def matmul_probe(device: str, seconds: float = 1.5, n: int | None = None) -> float:
-    """Best FLOP/s of an n x n matmul (fp32 on CPU, bf16 on GPU) over ~``seconds``."""
-    import torch
-
-    gpu = device.startswith("cuda")
-    n = n or (8192 if gpu else 2048)
-    dtype = torch.bfloat16 if gpu else torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    c = torch.empty(n, n, device=device, dtype=dtype)
-    torch.mm(a, b, out=c)
-    _sync(device)
-    best, t_end = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=c)
-        _sync(device)
-        best = max(best, 2.0 * n**3 / (time.perf_counter() - t0))
-    return best
-
-
-def count_flops(enc, tile) -> int:
+def count_tile_flops(enc, tile) -> int:
     """FLOPs of one embed_tiles call on ``tile`` (1, T, T, 3), by FlopCounterMode."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-    def cpu_sdpa(query, key, value, *args, out_shape=None, **kwargs):
-        return sdpa_flop_count(query, key, value)
-
-    custom = {}
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is not None:  # the CPU fused attention kernel has no formula of its own
-        custom[op] = cpu_sdpa
-    with FlopCounterMode(display=False, custom_mapping=custom) as fc, torch.inference_mode():
+    with count_flops() as fc, torch.inference_mode():
         enc.embed_tiles(tile)
-    return int(fc.get_total_flops())
+    return fc["total"]
 
 
 def main(argv=None) -> int:
@@ -108,13 +74,13 @@ def main(argv=None) -> int:
     tiles = np.clip(rng.normal([200, 140, 190], 30, (args.tiles, T, T, 3)), 0, 255)
     tiles = tiles.astype(np.uint8)
 
-    flops_tile = count_flops(enc, tiles[:1])
+    flops_tile = count_tile_flops(enc, tiles[:1])
     enc.embed_tiles(tiles[:1])  # warm-up (allocator, oneDNN/cuBLAS plans, compile)
     probe0 = matmul_probe(enc.device)
-    _sync(enc.device)
+    sync_device(enc.device)
     t0 = time.perf_counter()
     out = enc.embed_tiles(tiles)
-    _sync(enc.device)
+    sync_device(enc.device)
     dt = time.perf_counter() - t0
     probe1 = matmul_probe(enc.device)
     assert out.shape == (args.tiles, tile_sp, tile_sp, enc.dim)

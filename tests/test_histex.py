@@ -171,3 +171,49 @@ def test_context_ablations_change_what_the_tokens_see(syn):
             assert not va.any()
         else:  # the same values at other positions
             np.testing.assert_array_equal(np.sort(va, axis=0), np.sort(v, axis=0))
+
+
+@pytest.mark.parametrize("tk", [3, 40])
+def test_attention_equals_the_fused_formula(tk):
+    """The written-out attention (with the few-keys reordering when heads * keys < E)
+    equals out(softmax(Q K^T / sqrt(hd)) V) computed by PyTorch's fused kernel."""
+    import torch
+
+    from histosr.methods.histex import build_model
+
+    torch.manual_seed(0)
+    ca = build_model(6, 5, 16, 4, 1, "identity", (8,)).blocks[0].ab.double()
+    q, kv = torch.randn(2, 7, 6, dtype=torch.float64), torch.randn(2, tk, 5, dtype=torch.float64)
+    K, V = ca.project_kv(kv)
+    Q = ca.q(q).view(2, 7, 4, 4).transpose(1, 2)
+    o = torch.nn.functional.scaled_dot_product_attention(Q, K, V)
+    ref = ca.out(o.transpose(1, 2).reshape(2, 7, 16))
+    torch.testing.assert_close(ca(q, kv), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_states_trained_together_equal_one_after_the_other(syn):
+    sec, fm, _ = syn
+    cells = np.arange(0, H * H, 5)
+    kw = {**SMALL, "epochs": 2, "n_states": 2, "lr": 1e-4}
+    a = get_method("histex", **kw, batch_states=True).fit(sec, fm, genes="all")
+    b = get_method("histex", **kw, batch_states=False).fit(sec, fm, genes="all")
+    assert a.learned_params() == b.learned_params()  # a runtime switch
+    np.testing.assert_allclose(a.state_predictions(sec, fm, cells),
+                               b.state_predictions(sec, fm, cells), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(a.loss_history_, b.loss_history_, rtol=1e-4)
+
+
+def test_bf16_precision_switch(syn):
+    from histosr.errors import InputError
+
+    sec, fm, _ = syn
+    cells = np.arange(0, H * H, 5)
+    kw = {**SMALL, "epochs": 2, "lr": 1e-4}
+    p32 = get_method("histex", **kw).fit(sec, fm, genes="all")._predict_cells(sec, fm, cells)
+    m16 = get_method("histex", **kw, precision="bf16").fit(sec, fm, genes="all")
+    p16 = m16._predict_cells(sec, fm, cells)
+    assert m16.learned_params()["precision"] == "bf16"
+    assert np.isfinite(p16).all() and not np.array_equal(p16, p32)
+    np.testing.assert_allclose(p16, p32, rtol=0.05, atol=0.05 * np.abs(p32).max())
+    with pytest.raises(InputError, match="precision"):
+        get_method("histex", precision="fp16")

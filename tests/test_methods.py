@@ -202,3 +202,18 @@ def test_baselines_predict_other_section_from_its_own_spots(syn, tmp_path):
     cells = np.arange(0, H * H, 11)
     np.testing.assert_allclose(m2._predict_cells(other, fm2, cells),
                                fresh._predict_cells(other, fm2, cells), rtol=1e-6)
+
+
+def test_istar_states_trained_together_equal_one_after_the_other(syn):
+    sec, fm, _ = syn
+    cells = np.arange(0, H * H, 7)
+    kw = {**FAST, "epochs": 3, "n_states": 3}
+    a = get_method("istar", **kw, batch_states=True).fit(sec, fm, genes="all")
+    b = get_method("istar", **kw, batch_states=False).fit(sec, fm, genes="all")
+    np.testing.assert_allclose(a.state_predictions(fm, cells), b.state_predictions(fm, cells),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a.loss_history_, b.loss_history_, rtol=1e-5)
+    with pytest.raises(ValueError, match="precision"):
+        get_method("istar", precision="half")
+    m = get_method("istar", **{**FAST, "epochs": 3}, precision="bf16").fit(sec, fm, genes="all")
+    assert np.isfinite(m._predict_cells(sec, fm, cells)).all()

@@ -143,3 +143,77 @@ def test_damaged_checkpoint_is_retrained(tmp_path):
     train.fit_states(lambda s: calls.append(s) or _fit_one(s), 1, seed=1,
                      checkpoint_dir=tmp_path, key="k")
     assert calls == train.state_seeds(1, 1)
+
+
+def _member(seed):
+    """A tiny two-layer model on a planted linear target, with its own seeded batches."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(40, 6, generator=torch.Generator().manual_seed(0))
+    Y = X[:, :2] * 2.0 - X[:, 2:4]
+
+    def batches(epoch):
+        perm = torch.randperm(40, generator=gen)
+        for a in range(0, 40, 8):
+            yield X[perm[a:a + 8]], Y[perm[a:a + 8]]
+
+    return model, batches
+
+
+def _mse(model, batch):
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def test_members_trained_batched_equal_one_after_the_other():
+    seeds = [3, 11, 29]
+    alone = [train.train_member(*_member(s), _mse, 6, 1e-2, False) for s in seeds]
+    members = [_member(s) for s in seeds]
+    together = train.train_members_batched([m for m, _ in members], [b for _, b in members],
+                                           _mse, 6, 1e-2, False)
+    for a, t in zip(alone, together):
+        assert a["model"].keys() == t["model"].keys()
+        for k in a["model"]:
+            torch.testing.assert_close(t["model"][k], a["model"][k], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(t["loss"], a["loss"], rtol=1e-5)
+        assert t["loss"][-1] < 0.8 * t["loss"][0]  # it trained
+    # distinct members stay distinct (no parameter shared across the stack)
+    assert not torch.allclose(together[0]["model"]["0.weight"], together[1]["model"]["0.weight"])
+    with pytest.raises(ValueError, match="clip_grad_norm couples the members"):
+        train.train_members_batched([m for m, _ in members], [b for _, b in members], _mse,
+                                    1, 1e-2, False, clip_grad_norm=1.0)
+
+
+def test_fit_states_trains_missing_members_together(tmp_path):
+    calls = []
+
+    def fit_one(seed):
+        calls.append(("one", seed))
+        return {"model": {"w": torch.tensor([seed])}, "loss": [0.0]}
+
+    def fit_together(seeds):
+        calls.append(("together", tuple(seeds)))
+        return [{"model": {"w": torch.tensor([s])}, "loss": [0.0]} for s in seeds]
+
+    seeds = train.state_seeds(5, 3)
+    st = train.fit_states(fit_one, 3, 5, tmp_path, key="k", fit_together=fit_together)
+    assert calls == [("together", tuple(seeds))]
+    assert [int(s["model"]["w"]) for s in st] == seeds
+    (tmp_path / "state-001.pt").unlink()  # one member lost: retrained alone
+    calls.clear()
+    train.fit_states(fit_one, 3, 5, tmp_path, key="k", fit_together=fit_together)
+    assert calls == [("one", seeds[1])]
+
+
+def test_count_flops_matches_a_hand_count():
+    from histosr.benchmark.speed import count_flops, matmul_probe
+
+    lin = torch.nn.Linear(10, 20)
+    x = torch.randn(7, 10)
+    with count_flops() as fc:
+        lin(x).sum().backward()
+    # forward x W^T: 2 * 7 * 10 * 20; backward: the weight gradient, as much again (x needs
+    # no gradient); bias and sum are element-wise (not counted)
+    assert fc["total"] == 2 * (2 * 7 * 10 * 20)
+    assert matmul_probe("cpu", seconds=0.05, n=128) > 1e6

@@ -31,6 +31,9 @@ __all__ = [
     "median_over_states",
     "make_optimizer",
     "train_loop",
+    "fit_members",
+    "train_members_batched",
+    "autocast",
     "distributed_env",
     "init_distributed",
     "is_main_process",
@@ -123,8 +126,11 @@ def fit_states(
     checkpoint_dir: str | os.PathLike | None = None,
     key: str | None = None,
     progress: bool = False,
+    fit_together: Callable[[list[int]], list[Any]] | None = None,
 ) -> list[Any]:
-    """Train ``n_states`` ensemble members one after the other.
+    """Train ``n_states`` ensemble members one after the other (or, with
+    ``fit_together(seeds) -> states``, all members still to train in one call, e.g. as one
+    batched model: :func:`train_members_batched`; not under DDP).
 
     ``fit_one(state_seed)`` trains one member and returns its state (tensors, numbers,
     text, lists, mappings); before it is called every RNG is seeded with that member's seed
@@ -138,22 +144,36 @@ def fit_states(
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None:
         ckpt.mkdir(parents=True, exist_ok=True)
-    states = []
+    states: list[Any] = [None] * len(seeds)
+    paths = [ckpt / f"state-{i:03d}.pt" if ckpt is not None else None
+             for i in range(len(seeds))]
+    todo = []
     for i, s in enumerate(seeds):
-        path = ckpt / f"state-{i:03d}.pt" if ckpt is not None else None
+        path = paths[i]
         saved = _load_member(path) if path is not None and path.exists() else None
         ok = isinstance(saved, dict) and saved.get("seed") == s and saved.get("key") == key
         # under DDP every rank must take the same branch (training is collective)
         if all_agree(ok):
-            states.append(saved["state"])
-            continue
+            states[i] = saved["state"]
+        else:
+            todo.append(i)
+
+    def keep(i, state):
+        if paths[i] is not None and is_main_process():  # only rank 0 writes
+            _save_member({"seed": seeds[i], "key": key, "index": i, "state": state}, paths[i])
+        states[i] = state
+
+    if fit_together is not None and len(todo) > 1 and distributed_env() is None:
+        if progress:
+            print(f"states {[i + 1 for i in todo]}/{n_states} trained together", flush=True)
+        for i, state in zip(todo, fit_together([seeds[i] for i in todo])):
+            keep(i, state)
+        return states
+    for i in todo:
         if progress and is_main_process():
-            print(f"state {i + 1}/{n_states} (seed {s})", flush=True)
-        seed_everything(s)
-        state = fit_one(s)
-        if path is not None and is_main_process():  # only rank 0 writes
-            _save_member({"seed": s, "key": key, "index": i, "state": state}, path)
-        states.append(state)
+            print(f"state {i + 1}/{n_states} (seed {seeds[i]})", flush=True)
+        seed_everything(seeds[i])
+        keep(i, fit_one(seeds[i]))
     return states
 
 
@@ -269,7 +289,7 @@ def train_member(model, batches_fn, loss_fn, epochs: int, lr: float, label: str 
     return {"model": cpu_state(model), "loss": hist}
 
 
-def fit_method_states(method, fit_one, *data) -> None:
+def fit_method_states(method, fit_one, *data, fit_together=None) -> None:
     """Train ``method.n_states`` members with :func:`fit_states` (checkpointed under
     ``method.checkpoint_dir``, keyed by the hyper-parameters, genes and training ``data``)
     and store ``method.states_`` / ``method.loss_history_``."""
@@ -279,12 +299,137 @@ def fit_method_states(method, fit_one, *data) -> None:
     params = {k: v for k, v in method.learned_params().items() if k != "consistency"}
     key = digest(params, method.name, method.genes_, *data)
     states = fit_states(fit_one, method.n_states, method.seed, method.checkpoint_dir,
-                        key=key, progress=method.progress)
+                        key=key, progress=method.progress, fit_together=fit_together)
     method.states_ = [s["model"] for s in states]
     method.loss_history_ = [s["loss"] for s in states]
     infos = [s["info"] for s in states if "info" in s]
     if infos:  # what each member reports about its fit (validation curve, chosen epoch...)
         method.fit_info_ = infos[0] if len(infos) == 1 else {"members": infos}
+
+
+def fit_members(method, make_member, loss_fn, *data, label: str | bool = False,
+                **loop_kw) -> None:
+    """Train ``method.n_states`` members (:func:`fit_method_states`), each built by
+    ``make_member(seed) -> (model, batches_fn)`` (called with every RNG seeded by that
+    member's seed) and trained on ``loss_fn(model, batch)`` for ``method.epochs`` epochs at
+    ``method.lr``. With ``method.batch_states`` (default) the members still to train are
+    trained together as one batched model (:func:`train_members_batched`): same
+    initialisations, same batches, same updates as one after the other, up to float
+    rounding, and several times less per-step overhead for small models."""
+
+    def fit_one(seed):
+        model, batches = make_member(seed)
+        return train_member(model, batches, loss_fn, method.epochs, method.lr, label,
+                            **loop_kw)
+
+    def fit_together(seeds):
+        members = []
+        for s in seeds:
+            seed_everything(s)
+            members.append(make_member(s))
+        return train_members_batched([m for m, _ in members], [b for _, b in members],
+                                     loss_fn, method.epochs, method.lr, label, **loop_kw)
+
+    batched = getattr(method, "batch_states", False)
+    fit_method_states(method, fit_one, *data, fit_together=fit_together if batched else None)
+
+
+def train_members_batched(models, batch_fns, loss_fn, epochs: int, lr: float,
+                          label: str | bool = False, **loop_kw) -> list[dict]:
+    """Train independent ensemble members as one batched model.
+
+    ``models``: S modules of one architecture (each initialised as it would be alone),
+    ``batch_fns[i](epoch)``: member i's batches (every member yields as many batches, of
+    equal shapes). Their parameters are stacked into (S, ...) tensors and
+    ``loss_fn(model, batch)`` runs once per step for all members through
+    ``torch.func.vmap`` + ``functional_call`` (matmuls become batched matmuls); the loss
+    minimised is the sum of the members' losses, so each member's gradient is its own and
+    the element-wise optimisers (Adam, AdamW, SGD) take each member's own step.
+    ``clip_grad_norm`` (a norm over all parameters) is not allowed. Returns what
+    :func:`train_member` returns, per member."""
+    import torch
+    from torch.func import functional_call, vmap
+
+    if loop_kw.get("clip_grad_norm") is not None:
+        raise InputError("train_members_batched: clip_grad_norm couples the members; "
+                         "train them one after the other")
+    if loop_kw.get("on_epoch_end") is not None:
+        raise InputError("train_members_batched: on_epoch_end is per member; train them "
+                         "one after the other")
+    S = len(models)
+    names = [n for n, _ in models[0].named_parameters()]
+    bnames = [n for n, _ in models[0].named_buffers()]
+
+    class _Loss(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, batch):
+            return loss_fn(self.model, batch)
+
+    class _Stacked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stacked = torch.nn.ParameterList(
+                [torch.nn.Parameter(torch.stack([dict(m.named_parameters())[n].detach()
+                                                 for m in models])) for n in names])
+            for j, n in enumerate(bnames):
+                self.register_buffer(f"b{j}", torch.stack(
+                    [dict(m.named_buffers())[n] for m in models]))
+            self._wrap = (_Loss(models[0]),)  # a tuple: not a submodule of this one
+            self.acc, self.n = None, 0
+
+        def _one(self, params, buffers, batch):
+            full = {"model." + n: p for n, p in zip(names, params)}
+            full.update({"model." + n: b for n, b in zip(bnames, buffers)})
+            return functional_call(self._wrap[0], full, (batch,))
+
+        def forward(self, batch):
+            bufs = [getattr(self, f"b{j}") for j in range(len(bnames))]
+            losses = vmap(self._one)(list(self.stacked), bufs, batch)
+            d = losses.detach()
+            self.acc = d if self.acc is None else self.acc + d
+            self.n += 1
+            return losses.sum()
+
+    net = _Stacked()
+    history: list[list[float]] = [[] for _ in range(S)]
+
+    def flush():
+        if net.n:
+            mean = (net.acc / net.n).cpu().tolist()
+            for i in range(S):
+                history[i].append(float(mean[i]))
+        net.acc, net.n = None, 0
+
+    def batches(epoch):
+        flush()
+        for parts in zip(*[fn(epoch) for fn in batch_fns]):
+            yield tuple(torch.stack(f) for f in zip(*parts))
+
+    train_loop(net, batches, lambda m, b: m(b), epochs, lr, progress=label, **loop_kw)
+    flush()
+    out = []
+    for i in range(S):
+        st = {n: p[i].detach().cpu().clone() for n, p in zip(names, net.stacked)}
+        st.update({n: getattr(net, f"b{j}")[i].detach().cpu().clone()
+                   for j, n in enumerate(bnames)})
+        out.append({"model": {k: st[k] for k in models[0].state_dict()}, "loss": history[i]})
+    return out
+
+
+def autocast(device, precision: str = "fp32"):
+    """A context that runs the matmuls in ``precision``: ``"fp32"`` (nothing changes) or
+    ``"bf16"`` (``torch.autocast`` to bfloat16 on the model's device; parameters, optimiser
+    state and losses stay float32)."""
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision != "bf16":
+        raise InputError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
 def load_members(states, build, device) -> list:

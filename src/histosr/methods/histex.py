@@ -103,9 +103,25 @@ def build_model(d_in: int, n_genes: int, embed_dim: int, heads: int, n_blocks: i
 
         def attend(self, q, K, V):
             n, tq, _ = q.shape
-            Q = self.q(q).view(n, tq, heads, embed_dim // heads).transpose(1, 2)
-            o = F.scaled_dot_product_attention(Q, K, V)  # softmax(QK^T / sqrt(hd)) V
-            return self.out(o.transpose(1, 2).reshape(n, tq, embed_dim))
+            hd, tk = embed_dim // heads, K.shape[2]
+            Q = self.q(q).view(n, tq, heads, hd).transpose(1, 2)
+            # softmax(QK^T / sqrt(hd)) V written out: with 5-6 keys (or queries) and
+            # head_dim 16 the fused CPU kernel is several times slower than two batched
+            # matmuls, and it has no vmap rule (ensemble members train batched). The
+            # scale goes on the side with fewer rows.
+            if tq <= tk:
+                A = torch.softmax((Q * (1.0 / math.sqrt(hd))) @ K.transpose(-2, -1), dim=-1)
+            else:
+                A = torch.softmax(Q @ (K * (1.0 / math.sqrt(hd))).transpose(-2, -1), dim=-1)
+            if heads * tk >= embed_dim:
+                o = (A @ V).transpose(1, 2).reshape(n, tq, embed_dim)
+                return self.out(o)
+            # few keys (5-6 gene-context rows): out = sum_h A_h (V_h Wo_h) + b, with each
+            # head's values pushed through its slice of the output layer first, costs
+            # heads * tk (40) instead of embed_dim (128) multiply-adds per query and output
+            Wo = self.out.weight.t().reshape(heads, hd, embed_dim)
+            VW = (V @ Wo).reshape(n, heads * tk, embed_dim)  # (n, heads * tk, E)
+            return A.transpose(1, 2).reshape(n, tq, heads * tk) @ VW + self.out.bias
 
         def forward(self, q, kv):
             return self.attend(q, *self.project_kv(kv))
@@ -178,7 +194,11 @@ class CrossAttentionSR(SuperpixelMethod):
     """Shared implementation of HISTEX and DeepHEx (see the module docstring and the
     registered classes for the published defaults and the differences from the released
     code). ``context="off" | "shuffled"`` ablates the gene context (zeros, or the HR values
-    permuted over the HR positions) at fit and predict alike; ``"hr"`` is the method."""
+    permuted over the HR positions) at fit and predict alike; ``"hr"`` is the method.
+    ``batch_states`` (runtime): train the members together as one batched model (same
+    initialisations, batches and updates as one after the other, up to float rounding).
+    ``precision="bf16"``: matmuls under bfloat16 autocast (weights, optimiser and loss stay
+    float32); worthwhile only on CPUs with native bf16 (AVX512-BF16/AMX) or GPUs."""
 
     constraints: ClassVar[dict] = {
         "epochs": Interval(int, 1), "n_states": Interval(int, 1),
@@ -186,7 +206,8 @@ class CrossAttentionSR(SuperpixelMethod):
         "embed_dim": MultipleOf("heads"), "heads": Interval(int, 1), "n_blocks": Interval(int, 1),
         "k_neighbors": Interval(int, 1), "activation": Options("identity", "leaky"),
         "max_cells_per_spot": Interval(int, 2), "context": Options(*CONTEXTS),
-        "device": DEVICE}
+        "device": DEVICE, "precision": Options("fp32", "bf16")}
+    runtime: ClassVar[tuple] = SuperpixelMethod.runtime + ("batch_states",)
 
     epochs: int = 500
     n_states: int = 5
@@ -203,6 +224,8 @@ class CrossAttentionSR(SuperpixelMethod):
     max_cells_per_spot: int | None = 16
     shuffle: bool = False
     context: str = "hr"
+    precision: str = "fp32"
+    batch_states: bool = True
     device: str = "auto"
     checkpoint_dir: str | None = None
 
@@ -364,9 +387,13 @@ class CrossAttentionSR(SuperpixelMethod):
         SWd = torch.from_numpy(SW).to(dev)
         Yd = torch.from_numpy(Y)
         arch = (self.embed_dim, self.heads, self.n_blocks, self.activation, tuple(self.hidden))
-        shuffle = self.shuffle
+        shuffle, precision = self.shuffle, self.precision
+        # gathers done once: each spot's window tokens and gene context
+        TOKd = Xd[WINd[SWd]]  # (n_spots, Wm, T, d_in)
+        GENd = HRd[CTXd[SWd]]  # (n_spots, Wm, k, G)
+        offs = (torch.arange(b, device=dev) * (Wm * T))[:, None]
 
-        def fit_one(seed: int):
+        def make_member(seed: int):
             gen = torch.Generator().manual_seed(seed)
             model = build_model(d_in, G, *arch).to(dev)
 
@@ -380,22 +407,21 @@ class CrossAttentionSR(SuperpixelMethod):
                 for a in range(0, n_spots, b):
                     yield order[a : a + b], cells[a : a + b], wts[a : a + b], y[a : a + b]
 
-            def loss_fn(model, batch):
-                spots, cells, wts, y = batch
-                nb = spots.shape[0]
-                wins = SWd[spots].reshape(-1)  # (nb * Wm)
-                tok = Xd[WINd[wins]]  # (nb * Wm, T, d_in)
-                flat = (cells + (torch.arange(nb, device=cells.device) * (Wm * T))[:, None])
-                flat = flat.reshape(-1)
-                fused = model.fuse(tok, HRd[CTXd[wins]], flat)
+            return model, batches
+
+        def loss_fn(model, batch):
+            spots, cells, wts, y = batch
+            nb = spots.shape[0]
+            tok = TOKd[spots].reshape(nb * Wm, T, d_in)
+            flat = (cells + offs[:nb]).reshape(-1)
+            with train.autocast(dev, precision):
+                fused = model.fuse(tok, GENd[spots].reshape(nb * Wm, -1, G), flat)
                 p = model.head(fused, tok.reshape(-1, d_in)[flat]).view(nb, m, G)
-                mean = torch.bmm(wts.unsqueeze(1), p).squeeze(1)
-                return ((mean - y) ** 2).mean()
+            mean = torch.bmm(wts.unsqueeze(1), p.float()).squeeze(1)
+            return ((mean - y) ** 2).mean()
 
-            return train.train_member(model, batches, loss_fn, self.epochs, self.lr,
-                                      self.name if self.progress else False)
-
-        train.fit_method_states(self, fit_one, X, Y, win, ctx, HR, SW, sampler.padded)
+        train.fit_members(self, make_member, loss_fn, X, Y, win, ctx, HR, SW, sampler.padded,
+                          label=self.name if self.progress else False)
 
     # -- prediction -------------------------------------------------------------------------
     def _models(self, dev):

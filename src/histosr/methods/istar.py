@@ -13,7 +13,7 @@ import numpy as np
 from .. import train
 from ..errors import InputError
 from ..geometry import section_footprints
-from ..params import DEVICE, Interval
+from ..params import DEVICE, Interval, Options
 from .base import SuperpixelMethod, register_method
 from .scaling import FootprintSampler, feature_stats, minmax
 
@@ -81,13 +81,19 @@ class IStar(SuperpixelMethod):
 
     ``checkpoint_dir``: each finished state is stored there and reused when the same fit
     (data, genes and hyper-parameters) is run again, so a killed fit resumes.
+    ``batch_states`` (runtime): train the members together as one batched model (same
+    initialisations, batches and updates as one after the other, up to float rounding).
+    ``precision="bf16"``: matmuls under bfloat16 autocast (weights, optimiser and loss stay
+    float32); worthwhile only on CPUs with native bf16 (AVX512-BF16/AMX) or GPUs.
     """
 
     constraints: ClassVar[dict] = {
         "epochs": Interval(int, 1), "n_states": Interval(int, 1),
         "lr": Interval(float, 0, closed="neither"), "batch_size": Interval(int, 1),
         "hidden": Interval(int, 1), "n_layers": Interval(int, 0),
-        "max_cells_per_spot": Interval(int, 2), "device": DEVICE}
+        "max_cells_per_spot": Interval(int, 2), "device": DEVICE,
+        "precision": Options("fp32", "bf16")}
+    runtime: ClassVar[tuple] = SuperpixelMethod.runtime + ("batch_states",)
 
     epochs: int = 400
     n_states: int = 5
@@ -97,6 +103,8 @@ class IStar(SuperpixelMethod):
     n_layers: int = 4
     standardize: bool = True
     max_cells_per_spot: int | None = 16
+    precision: str = "fp32"
+    batch_states: bool = True
     device: str = "auto"
     checkpoint_dir: str | None = None
 
@@ -141,7 +149,9 @@ class IStar(SuperpixelMethod):
         Yd = torch.from_numpy(Y)
         hidden, n_layers = self.hidden, self.n_layers
 
-        def fit_one(seed: int):
+        precision = self.precision
+
+        def make_member(seed: int):
             gen = torch.Generator().manual_seed(seed)
             model = _build_mlp(d_in, n_genes, hidden, n_layers).to(dev)
 
@@ -153,18 +163,19 @@ class IStar(SuperpixelMethod):
                 for a in range(0, n_spots, b):
                     yield cells[a : a + b], w[a : a + b], y[a : a + b]
 
-            def loss_fn(model, batch):
-                cells, w, y = batch
-                nb = cells.shape[0]
+            return model, batches
+
+        def loss_fn(model, batch):
+            cells, w, y = batch
+            nb = cells.shape[0]
+            with train.autocast(dev, precision):
                 p = model(Xd[cells.reshape(-1)]).view(nb, m, n_genes)
-                # weighted mean over each spot's (sampled) cells; padding has weight 0
-                mean = torch.bmm(w.unsqueeze(1), p).squeeze(1)
-                return ((mean - y) ** 2).mean()
+            # weighted mean over each spot's (sampled) cells; padding has weight 0
+            mean = torch.bmm(w.unsqueeze(1), p.float()).squeeze(1)
+            return ((mean - y) ** 2).mean()
 
-            return train.train_member(model, batches, loss_fn, self.epochs, self.lr,
-                                      "istar" if self.progress else False)
-
-        train.fit_method_states(self, fit_one, X, Y, sampler.padded)
+        train.fit_members(self, make_member, loss_fn, X, Y, sampler.padded,
+                          label="istar" if self.progress else False)
 
     # -- prediction -------------------------------------------------------------------------
     def _models(self, dev):
