@@ -53,7 +53,7 @@ def one(args) -> dict:
     sys.path.insert(0, str(HERE))
     from wholeslide_memory import _mb_on_disk, _peak_rss_mb, synthetic_section
 
-    from histosr.methods import method_class
+    from histosr.methods.base import method_class
     from histosr.pipeline import run
 
     cls = method_class(args.method)
