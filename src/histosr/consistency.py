@@ -43,11 +43,16 @@ class ConsistencyScaler:
     _owner: np.ndarray | None = field(default=None, init=False, repr=False)
 
     @classmethod
-    def from_method(cls, method, section, features) -> ConsistencyScaler:
+    def from_method(cls, method, section, features, calibrator=None) -> ConsistencyScaler:
+        """Fitted to ``method``'s prediction on ``section``'s footprints (after
+        ``calibrator``, a :class:`histosr.calibration.DetailCalibrator`, when given)."""
         grid = features.grid
         F = section_footprints(section, grid)
         cells = np.unique(F.indices)
-        pred = np.asarray(method._predict_cells(section, features, cells), dtype=np.float64)
+        pred = np.asarray(method._predict_cells(section, features, cells), dtype=np.float32)
+        if calibrator is not None:
+            pred = calibrator.apply(pred, cells)
+        pred = pred.astype(np.float64)
         measured = section.dense_counts(method.genes_)
         return cls.fit(grid, section.spot_footprints(), F[:, cells], pred, measured,
                        diameter_um=section.spot_diameter_um, inside=cells)

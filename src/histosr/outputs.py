@@ -111,17 +111,18 @@ def predict_maps(method, section, features, path: str | Path, genes: list[str] |
                  progress: bool = True) -> Path:
     """Stream super-resolved gene maps into a zarr group ``maps`` (G, H_sp, W_sp) float32
     (counts per 8 um superpixel, 0 outside tissue), block of superpixel rows by block:
-    memory stays bounded by the block, whatever the slide size."""
+    memory stays bounded by the block, whatever the slide size. Methods with a
+    per-superpixel uncertainty (``tags()["uncertainty"]``) also get ``uncertainty``, the
+    same shape (spread on the log1p CP10k scale, 0 outside tissue)."""
     import zarr
     from tqdm.auto import tqdm
-
-    from .consistency import ConsistencyScaler
 
     method.check_fitted()
     genes = list(genes or method.genes_)
     gidx = np.array([method.genes_.index(g) for g in genes])
     use_cons = method.consistency if consistency is None else consistency
-    scaler = ConsistencyScaler.from_method(method, section, features) if use_cons else None
+    post = method.post_steps(section, features, consistency=use_cons)
+    with_unc = bool(method.tags().get("uncertainty"))
     h, w = features.shape
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -129,21 +130,31 @@ def predict_maps(method, section, features, path: str | Path, genes: list[str] |
     root = zarr.open_group(str(tmp), mode="w")
     maps = create_zarr_array(root, "maps", (len(genes), h, w),
                              (min(len(genes), 16), min(h, 256), min(w, 256)), "f4")
+    unc = create_zarr_array(root, "uncertainty", maps.shape, maps.chunks, "f4") \
+        if with_unc else None
     mask = features.mask
     for r0 in tqdm(range(0, h, block_rows), desc="predict", disable=not progress):
         r1 = min(r0 + block_rows, h)
         rr, cc = np.nonzero(mask[r0:r1])
         block = np.zeros((len(genes), r1 - r0, w), dtype=np.float32)
+        ublock = np.zeros_like(block) if unc is not None else None
         if len(rr):
             cells = features.grid.flat(rr + r0, cc)
-            vals = np.asarray(method._predict_cells(section, features, cells), np.float32)
-            if scaler is not None:
-                vals = scaler.apply(vals, cells)
+            vals = post(np.asarray(method._predict_cells(section, features, cells),
+                                   np.float32), cells)
             block[:, rr, cc] = vals[:, gidx].T
+            if ublock is not None:
+                u = method.uncertainty_cells(section, features, cells)
+                ublock[:, rr, cc] = u[:, gidx].T
         maps[:, r0:r1, :] = block
+        if unc is not None:
+            unc[:, r0:r1, :] = ublock
     root.attrs["histosr"] = json.dumps({"genes": genes, "method": method.name,
                                         "units": "counts per 8 um superpixel",
-                                        "consistency": bool(use_cons)})
+                                        "consistency": bool(use_cons),
+                                        "calibrate": bool(method.calibrate),
+                                        **({"uncertainty_units": method.uncertainty_units}
+                                           if unc is not None else {})})
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     return path

@@ -111,6 +111,10 @@ class Method:
     needs_features: ClassVar[bool] = True
     #: True for methods that can predict a section from its image alone (no measured spot)
     image_only: ClassVar[bool] = False
+    #: True for methods that give a per-superpixel uncertainty (``uncertainty_cells``)
+    has_uncertainty: ClassVar[bool] = False
+    #: what that uncertainty measures (recorded with the ``uncertainty`` maps)
+    uncertainty_units: ClassVar[str] = ""
     #: ranges and choices of parameters (types come from the field annotations)
     constraints: ClassVar[dict] = {"seed": Interval(int, 0)}
     #: parameters that change how a fit runs, not what it learns: not saved with a model,
@@ -166,7 +170,9 @@ class Method:
         return {"kind": cls.kind, "target": "superpixels" if cls.kind == SUPERPIXEL else "spots",
                 "scale": SCALES[cls.kind], "needs_features": bool(cls.needs_features),
                 "image_only": bool(cls.image_only),
-                "consistency": cls.kind == SUPERPIXEL}
+                "consistency": cls.kind == SUPERPIXEL,
+                "calibrate": cls.kind == SUPERPIXEL,
+                "uncertainty": bool(cls.has_uncertainty)}
 
     @property
     def target(self) -> str:
@@ -315,10 +321,19 @@ def fit_genes(sections: list, genes=None) -> list[str]:
 class SuperpixelMethod(Method):
     """Super-resolution methods: counts per 8 um superpixel (the sum over a spot's footprint
     approximates the spot's counts). Subclasses implement ``_fit(sections, features)`` and
-    ``_predict_cells(section, features, flat_cells) -> (n_cells, n_genes)``."""
+    ``_predict_cells(section, features, flat_cells) -> (n_cells, n_genes)``; optionally
+    ``_uncertainty_cells`` (per-superpixel spread, see :meth:`uncertainty_cells`).
+
+    Shared post-steps, in this order (:meth:`post_steps`): ``calibrate`` (calibrated detail,
+    :mod:`histosr.calibration`: each gene's detail kept in proportion to how well the method
+    predicts measured spots; ``calibrate_folds`` 0 = judged on the fitted spots, cheap;
+    K >= 2 = K blocked refits, honest) then ``consistency`` (:mod:`histosr.consistency`)."""
 
     kind: ClassVar[str] = SUPERPIXEL
+    constraints: ClassVar[dict] = {"calibrate_folds": Interval(int, 0)}
     consistency: bool = False
+    calibrate: bool = False
+    calibrate_folds: int = 0
 
     def _fit_kind(self, sections, features) -> None:
         features = self._features_for(sections, features)
@@ -341,16 +356,23 @@ class SuperpixelMethod(Method):
         """(n_cells, n_genes) float32 counts per superpixel at flat grid indices."""
         raise NotImplementedError  # pragma: no cover
 
+    def _check_params(self) -> None:
+        if self.calibrate_folds == 1:
+            raise ParameterError(f"'calibrate_folds' parameter of {self.name} must be 0 "
+                                 "(judge the detail on the fitted spots) or >= 2 (blocked "
+                                 "refits), got 1")
+
     def predict(self, section, features=None, at: str | np.ndarray | None = None,
                 consistency: bool | None = None, diameter_um: float | None = None,
-                max_bytes: float | None = None) -> ad.AnnData:
+                max_bytes: float | None = None, calibrate: bool | None = None) -> ad.AnnData:
         """Predict expression.
 
         ``at``: ``None``/``"superpixels"`` (one observation per tissue superpixel, counts per
         8 um superpixel), ``"spots"`` (the section's own spots: footprint sums) or an (n, 2)
         array of full-res (x, y) px (sums over disks of ``diameter_um``, default the
         section's spot diameter). ``consistency`` (default: the method's setting) rescales
-        so each measured spot's footprint sums to its measured counts.
+        so each measured spot's footprint sums to its measured counts; ``calibrate``
+        (default: the method's setting) applies calibrated detail first.
 
         The superpixel prediction is built in memory: when it would need more than
         ``max_bytes`` (default: 60% of the memory available now) this raises
@@ -361,15 +383,16 @@ class SuperpixelMethod(Method):
         features = self._features_for([section], None if features is None else [features])[0]
         grid = features.grid
         use_cons = self.consistency if consistency is None else bool(consistency)
+        use_cal = self.calibrate if calibrate is None else bool(calibrate)
         at = "superpixels" if at is None else at
         uns = self._uns(section, encoder=features.encoder,
                         encoder_meta=dumps(features.meta), um_per_px=float(grid.um_per_px),
-                        superpixel_um=8.0, consistency=use_cons)
+                        superpixel_um=8.0, consistency=use_cons, calibrate=use_cal)
         if isinstance(at, str) and at == "superpixels":
             r, c = features.tissue_cells()
             self._check_size(len(r), use_cons, max_bytes)
             cells = grid.flat(r, c)
-            vals = self.predict_cells(section, features, cells, use_cons)
+            vals = self.predict_cells(section, features, cells, use_cons, use_cal)
             return self._add_reliability(superpixel_anndata(vals, r, c, grid, self.genes_, uns))
         if isinstance(at, str) and at == "spots":
             fps, ids, xy = section.spot_footprints(), section.counts.obs_names, section.xy
@@ -383,7 +406,7 @@ class SuperpixelMethod(Method):
         d = diameter_um or section.spot_diameter_um
         F = footprint_matrix(grid, fps, d)
         cells = np.unique(F.indices)
-        vals = self.predict_cells(section, features, cells, use_cons)
+        vals = self.predict_cells(section, features, cells, use_cons, use_cal)
         X = np.asarray(F[:, cells] @ vals, dtype=np.float32)
         out = ad.AnnData(X=X, obs=pd.DataFrame(index=pd.Index([str(i) for i in ids])),
                          var=pd.DataFrame(index=pd.Index(self.genes_)))
@@ -407,16 +430,50 @@ class SuperpixelMethod(Method):
                 "histosr.outputs.predict_maps(method, section, features, 'maps.zarr')")
 
     def predict_cells(self, section, features, flat_cells: np.ndarray,
-                      consistency: bool = False) -> np.ndarray:
-        """Counts per superpixel at the given flat cells, optionally made consistent with
-        the section's measured spots."""
+                      consistency: bool = False, calibrate: bool | None = None) -> np.ndarray:
+        """Counts per superpixel at the given flat cells, after the post-steps
+        (:meth:`post_steps`; ``calibrate`` None = the method's setting)."""
+        post = self.post_steps(section, features, consistency, calibrate)
+        return post(np.asarray(self._predict_cells(section, features, flat_cells),
+                               dtype=np.float32), flat_cells)
+
+    def post_steps(self, section, features, consistency: bool | None = None,
+                   calibrate: bool | None = None):
+        """``f(values, flat_cells) -> values``: the shared post-steps for ``section``
+        (calibrated detail, then consistency; ``None`` = the method's settings), fitted once
+        here on the section's measured spots and then applied block by block (streams)."""
+        from ..calibration import DetailCalibrator
         from ..consistency import ConsistencyScaler
 
-        vals = np.asarray(self._predict_cells(section, features, flat_cells), dtype=np.float32)
-        if consistency:
-            scaler = ConsistencyScaler.from_method(self, section, features)
-            vals = scaler.apply(vals, flat_cells)
-        return vals
+        use_cal = self.calibrate if calibrate is None else bool(calibrate)
+        use_cons = self.consistency if consistency is None else bool(consistency)
+        cal = DetailCalibrator.from_method(self, section, features,
+                                           self.calibrate_folds) if use_cal else None
+        scaler = ConsistencyScaler.from_method(self, section, features,
+                                               calibrator=cal) if use_cons else None
+
+        def apply(values: np.ndarray, flat_cells: np.ndarray) -> np.ndarray:
+            if cal is not None:
+                values = cal.apply(values, flat_cells)
+            if scaler is not None:
+                values = scaler.apply(values, flat_cells)
+            return np.asarray(values, dtype=np.float32)
+
+        return apply
+
+    def uncertainty_cells(self, section, features, flat_cells: np.ndarray) -> np.ndarray | None:
+        """(n_cells, n_genes) float32 per-superpixel uncertainty (spread over the method's
+        ensemble members or CV folds, on the log1p CP10k scale), or None for a method that
+        has none (:attr:`has_uncertainty`). Written next to the maps
+        (:func:`histosr.outputs.predict_maps`, array ``uncertainty``)."""
+        self.check_fitted()
+        if not self.has_uncertainty:
+            return None
+        return np.asarray(self._uncertainty_cells(section, features,
+                                                  np.asarray(flat_cells, np.int64)), np.float32)
+
+    def _uncertainty_cells(self, section, features, flat_cells):  # pragma: no cover
+        raise NotImplementedError
 
 
 def load_method(path: str | Path, **runtime) -> Method:
