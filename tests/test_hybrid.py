@@ -122,7 +122,7 @@ def test_benchmark_downsample_depth_scores_against_full_depth(data_dir, tmp_path
     res = json.loads((out / "results.json").read_text())
     assert res["params"]["downsample_depth"] == {"median_umi": 300.0, "seed": 0}
     assert "full-depth" in res["params"]["scoring"]["depth"]
-    # README: knn recovers C2's held-out spots at 0.390 from full-depth counts
+    # README: knn recovers C2's held-out spots at 0.394 from full-depth counts
     assert 0.1 < res["mean"]["top50_pcc"] < 0.39
     rc = main(["--quiet", "benchmark", "p4", "--method", "knn", "--downsample-depth", "300",
                "--out", str(tmp_path / "p4")])

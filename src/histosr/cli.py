@@ -245,9 +245,10 @@ def _predict_image(args, method) -> int:
 
     image = open_image(args.image)  # whole slides (.svs, .ndpi, OME-TIFF...) read lazily
     um_per_px = slide_um_per_px(image, args.um_per_px)
-    if not method.tags()["image_only"]:
-        raise InputError(f"model {method.name!r} needs measured spots of the section it "
-                         "predicts; prediction from an image alone needs an image-only model "
+    if not method.tags()["image_only"] or method.kind != "spot":
+        raise InputError(f"model {method.name!r} needs measured spots (or superpixel "
+                         "features) of the section it predicts; prediction from an image "
+                         "file alone needs a spot-level image-only model "
                          "(ridge, knn_features, hespotex): fit one with "
                          "`histosr fit --method ridge ...`")
     grid = args.grid or "spots"

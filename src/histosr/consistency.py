@@ -45,10 +45,13 @@ class ConsistencyScaler:
     _owner: np.ndarray | None = field(default=None, init=False, repr=False)
 
     @classmethod
-    def from_method(cls, method, section, features,
-                    block: int = CELL_BLOCK) -> ConsistencyScaler:
-        """Factors of ``method``'s prediction at the section's measured spots, predicted
-        ``block`` superpixels at a time (memory bounded by the block, not the spots)."""
+    def from_method(cls, method, section, features, calibrator=None,
+                    block: int | None = None) -> ConsistencyScaler:
+        """Factors of ``method``'s prediction at the section's measured spots (after
+        ``calibrator``, a :class:`histosr.calibration.DetailCalibrator`, when given),
+        predicted ``block`` superpixels at a time (default :data:`CELL_BLOCK`): memory is
+        bounded by the block, not by the cells the spots cover."""
+        block = block or CELL_BLOCK
         grid = features.grid
         F = section_footprints(section, grid)
         cells = np.unique(F.indices)
@@ -56,8 +59,11 @@ class ConsistencyScaler:
         sums = np.zeros((F.shape[0], len(method.genes_)))
         total = np.zeros(len(method.genes_))
         for i in range(0, len(cells), block):
-            pred = np.asarray(method._predict_cells(section, features, cells[i : i + block]),
-                              dtype=np.float64)
+            blk = cells[i : i + block]
+            pred = np.asarray(method._predict_cells(section, features, blk), dtype=np.float32)
+            if calibrator is not None:
+                pred = calibrator.apply(pred, blk)
+            pred = pred.astype(np.float64)
             sums += Fc[:, i : i + block] @ pred
             total += pred.sum(axis=0)
         measured = section.dense_counts(method.genes_)

@@ -135,7 +135,8 @@ class StreamedPrediction:
 def stream_prediction(method, section, features, h5ad: str | Path | None = None,
                       maps: str | Path | None = None, var: pd.DataFrame | None = None,
                       images: dict | None = None, keep=(), consistency: bool | None = None,
-                      scaler=None, maps_genes: list[str] | None = None,
+                      calibrate: bool | None = None, post=None,
+                      maps_genes: list[str] | None = None,
                       progress: bool = True) -> StreamedPrediction:
     """Predict every tissue superpixel a band of :data:`MAP_ROWS` superpixel rows at a time
     and stream it to disk, never holding the tissue x genes prediction in memory:
@@ -146,11 +147,14 @@ def stream_prediction(method, section, features, h5ad: str | Path | None = None,
       a chunked dense HDF5 dataset, so ``anndata.read_h5ad(path)`` reads it whole and
       ``read_h5ad(path, backed="r")`` lazily; ``var`` columns are added to its ``var``.
     * ``maps``: zarr ``maps`` (G, H_sp, W_sp) float32 (0 outside tissue) of ``maps_genes``
-      (default all).
+      (default all); for a method with a per-superpixel uncertainty
+      (``tags()["uncertainty"]``) also ``uncertainty``, the same shape (its spread, on the
+      scale ``attrs["histosr"]["uncertainty_units"]`` says, 0 outside tissue).
 
     Memory is bounded by a band (its superpixels x genes) plus the ``keep`` genes' columns.
-    ``scaler``: consistency factors already built (else built when ``consistency``, default
-    the method's setting). Both files appear atomically (temp + rename)."""
+    ``post``: the method's post-steps already fitted (:meth:`~histosr.methods.base.
+    SuperpixelMethod.post_steps`), else fitted here from ``consistency`` and ``calibrate``
+    (default the method's settings). Both files appear atomically (temp + rename)."""
     import zarr
     from tqdm.auto import tqdm
 
@@ -158,14 +162,15 @@ def stream_prediction(method, section, features, h5ad: str | Path | None = None,
 
     method.check_fitted()
     genes = list(method.genes_)
-    use_cons = method.consistency if consistency is None else bool(consistency)
-    if use_cons and scaler is None:
-        scaler = method.consistency_scaler(section, features)
+    if post is None:
+        post = method.post_steps(section, features, consistency, calibrate)
+    use_cons = post.consistency
+    with_unc = maps is not None and bool(method.tags().get("uncertainty"))
     grid, mask = features.grid, features.mask
     h, w = features.shape
     n = int(mask.sum())
     G = len(genes)
-    uns = method.superpixel_uns(section, features, use_cons)
+    uns = method.superpixel_uns(section, features, use_cons, post.calibrate)
     v = pd.DataFrame(index=pd.Index(genes))
     if var is not None:
         v = v.join(var.reindex(v.index))
@@ -192,8 +197,10 @@ def stream_prediction(method, section, features, h5ad: str | Path | None = None,
         tmp_maps = maps.with_name(maps.name + ".tmp")
         shutil.rmtree(tmp_maps, ignore_errors=True)
         root = zarr.open_group(str(tmp_maps), mode="w")
-        zmaps = create_zarr_array(root, "maps", (len(mgenes), h, w),
-                                  (min(len(mgenes), 16), min(h, MAP_ROWS), min(w, 256)), "f4")
+        chunks = (min(len(mgenes), 16), min(h, MAP_ROWS), min(w, 256))
+        zmaps = create_zarr_array(root, "maps", (len(mgenes), h, w), chunks, "f4")
+        zunc = create_zarr_array(root, "uncertainty", (len(mgenes), h, w), chunks, "f4") \
+            if with_unc else None
     try:
         i = 0
         for r0 in tqdm(range(0, h, MAP_ROWS), desc="predict", disable=not progress):
@@ -201,10 +208,14 @@ def stream_prediction(method, section, features, h5ad: str | Path | None = None,
             rr, cc = np.nonzero(mask[r0:r1])
             rr = rr + r0
             band = np.zeros((len(rr), G), np.float32)
+            uband = np.zeros((len(rr), G), np.float32) if with_unc else None
             cells = grid.flat(rr, cc)
             for b in range(0, len(cells), CELL_BLOCK):
-                band[b : b + CELL_BLOCK] = method.predict_cells(
-                    section, features, cells[b : b + CELL_BLOCK], scaler=scaler)
+                blk = cells[b : b + CELL_BLOCK]
+                band[b : b + CELL_BLOCK] = method.predict_cells(section, features, blk,
+                                                                post=post)
+                if with_unc:
+                    uband[b : b + CELL_BLOCK] = method.uncertainty_cells(section, features, blk)
             j = i + len(rr)
             if len(rr):
                 total += band.sum(axis=0, dtype=np.float64)
@@ -224,6 +235,9 @@ def stream_prediction(method, section, features, h5ad: str | Path | None = None,
                     slab = np.zeros((len(gi), r1 - r0, w), np.float32)
                     slab[:, rr - r0, cc] = band[:, gi].T
                     zmaps[g0 : g0 + len(gi), r0:r1, :] = slab
+                    if with_unc:
+                        slab[:, rr - r0, cc] = uband[:, gi].T
+                        zunc[g0 : g0 + len(gi), r0:r1, :] = slab
             i = j
         v[PRED_MEAN] = (total / max(n, 1)).astype(np.float32)
         v[PRED_MAX] = top.astype(np.float32)
@@ -236,9 +250,10 @@ def stream_prediction(method, section, features, h5ad: str | Path | None = None,
             f = None
             os.replace(tmp_h5, h5ad)
         if zmaps is not None:
-            root.attrs["histosr"] = json.dumps({"genes": mgenes, "method": method.name,
-                                                "units": "counts per 8 um superpixel",
-                                                "consistency": bool(use_cons)})
+            root.attrs["histosr"] = json.dumps(
+                {"genes": mgenes, "method": method.name, "units": "counts per 8 um superpixel",
+                 "consistency": bool(use_cons), "calibrate": bool(post.calibrate),
+                 **({"uncertainty_units": method.uncertainty_units} if with_unc else {})})
             shutil.rmtree(maps, ignore_errors=True)
             tmp_maps.rename(maps)
     finally:

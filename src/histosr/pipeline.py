@@ -224,8 +224,8 @@ def _superpixel_outputs(rep, method, section, fm, rc: RunConfig, out: Path) -> N
         # not held out. Both sides log1p CP10k over the fitted genes, each with its own
         # library: composition, not library size (which the image model would otherwise
         # get credit for).
-        scaler = method.consistency_scaler(section, fm) if method.consistency else None
-        spots_pred = method.predict(section, fm, at="spots", scaler=scaler)
+        post = method.post_steps(section, fm)  # calibrated detail, consistency: fitted once
+        spots_pred = method.predict(section, fm, at="spots", post=post)
         raw = method.predict(section, fm, at="spots", consistency=False)
         r = np.asarray(pcc_per_gene(log_cp10k(raw.X), log_cp10k(section.dense_counts(
             method.genes_))), dtype=np.float32)
@@ -240,7 +240,7 @@ def _superpixel_outputs(rep, method, section, fm, rc: RunConfig, out: Path) -> N
     with rep.stage("predict"):  # streamed to disk, a band of superpixel rows at a time
         sp = stream_prediction(method, section, fm, out / "prediction.h5ad", out / "maps.zarr",
                                var=pd.DataFrame({IN_SAMPLE_PCC: r}, index=method.genes_),
-                               images=images, keep=show, scaler=scaler,
+                               images=images, keep=show, post=post,
                                progress=method.progress)
     rep.outputs["prediction"] = str(sp.h5ad)
     rep.outputs["maps"] = str(sp.maps)

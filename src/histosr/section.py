@@ -97,6 +97,19 @@ class Section:
         )
 
 
+def take_spots(section: Section, keep, name: str | None = None) -> Section:
+    """The section restricted to the spots at integer positions ``keep`` (same image; their
+    footprints and annotations follow), named ``name`` (default the section's name)."""
+    import dataclasses
+
+    keep = np.asarray(keep, dtype=np.int64)
+    fps = None if section.footprints is None else [section.footprints[i] for i in keep]
+    ann = None if section.annotations is None else section.annotations.iloc[keep]
+    return dataclasses.replace(section, name=section.name if name is None else name,
+                               counts=section.counts[keep].copy(), footprints=fps,
+                               annotations=ann)
+
+
 def estimate_pitch_px(xy: np.ndarray) -> float:
     """Median nearest-neighbour distance between spot centres, in px."""
     from scipy.spatial import cKDTree

@@ -114,11 +114,11 @@ def section_features(section, method, encoder: str, cache_dir: Path | None,
                             **kw)
 
 
-def fit_predict_truth(section, make_method, encoder: str, cache_dir: Path | None,
-                      progress: bool = True):
+def fit_truth(section, make_method, encoder: str, cache_dir: Path | None,
+              progress: bool = True):
     """Fit a fresh method on a pseudo-spot section that carries an 8 um truth (its
-    features restricted to the truth's tissue mask, the HEST rule's top 1000 genes) and
-    predict its tissue superpixels: returns (prediction, genes)."""
+    features restricted to the truth's tissue mask, the HEST rule's top 1000 genes):
+    returns (fitted method, FeatureMap, genes)."""
     from ..pp import select_genes
 
     mask = np.asarray(section.truth["mask"], dtype=bool)
@@ -128,7 +128,31 @@ def fit_predict_truth(section, make_method, encoder: str, cache_dir: Path | None
     log(progress, f"{section.name}: fit {method.name} on {section.n_spots} spots, "
                   f"{len(genes)} genes")
     method.fit([section], [fm], genes=genes)
+    return method, fm, genes
+
+
+def fit_predict_truth(section, make_method, encoder: str, cache_dir: Path | None,
+                      progress: bool = True):
+    """:func:`fit_truth`, then predict the section's tissue superpixels: returns
+    (prediction, genes)."""
+    method, fm, genes = fit_truth(section, make_method, encoder, cache_dir, progress)
     return method.predict(section, fm, at="superpixels"), genes
+
+
+#: scores also reported for the same fit without calibrated detail (``nocal_*``) when a
+#: run turns it on (``--set calibrate=true``)
+NOCAL_KEYS = ("top50_pcc", "hvg1000_pcc", "top50_within_pcc", "pcc", "ssim", "rmse")
+
+
+def nocal_scores(method, score) -> dict:
+    """``nocal_<key>`` scores of ``score(calibrate=False)`` when ``method`` calibrates its
+    detail (superpixel methods with ``calibrate=True``), else nothing."""
+    from ..methods.base import SUPERPIXEL
+
+    if method.kind != SUPERPIXEL or not method.calibrate:
+        return {}
+    raw = score(False)
+    return {f"nocal_{k}": raw[k] for k in NOCAL_KEYS if k in raw}
 
 
 def gene_scores(pred: np.ndarray, truth: np.ndarray, n_top: int = 50) -> dict:

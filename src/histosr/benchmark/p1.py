@@ -17,12 +17,15 @@ section's own spots"); it predicts the held-out spot centres and only those are 
   the held-out spot's measured library instead (hands the method the truth's library).
 
 Scores per section: ``top50_pcc`` (mean per-gene Pearson r over the held-out spots),
-``top50_pcc_median``, ``hvg1000_pcc``, ``mae`` (log1p scale, top50 genes).
+``top50_pcc_median``, ``hvg1000_pcc``, ``mae`` (log1p scale, top50 genes). Methods that
+validate themselves on the training half (:meth:`~histosr.methods.base.Method.reliability`,
+e.g. ``hybrid``) add ``selfval_spearman`` (across the hvg1000 genes: Spearman r between
+the method's own held-out estimate and the PCC measured on the held-out half),
+``selfval_spearman_top50`` and ``selfval_estimate`` (see :func:`self_validation`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -70,13 +73,11 @@ def split(ids, seed: int = SPLIT_SEED) -> tuple[list[str], list[str]]:
 
 def subset(section, ids: list[str], suffix: str = "_train"):
     """The section restricted to the spots ``ids`` (same image), in the section's order."""
+    from ..section import take_spots
+
     names = np.asarray(section.counts.obs_names).astype(str)
-    keep = np.flatnonzero(np.isin(names, list(ids)))
-    fps = None if section.footprints is None else [section.footprints[i] for i in keep]
-    ann = None if section.annotations is None else section.annotations.iloc[keep]
-    return dataclasses.replace(section, name=f"{section.name}{suffix}",
-                               counts=section.counts[keep].copy(), footprints=fps,
-                               annotations=ann)
+    return take_spots(section, np.flatnonzero(np.isin(names, list(ids))),
+                      f"{section.name}{suffix}")
 
 
 def predict_held_out(method, train_sec, held_xy: np.ndarray, genes: list[str], encoder: str,
@@ -110,6 +111,31 @@ def score_held_out(pred: np.ndarray, truth: np.ndarray, n_top: int = 50) -> dict
     return gene_scores(pred, truth, n_top)
 
 
+def self_validation(method, pred: np.ndarray, truth: np.ndarray, genes: list[str]) -> dict:
+    """For a method that estimates its own per-gene accuracy (:meth:`Method.reliability`,
+    computed on the training half only): the Spearman correlation across ``genes`` between
+    that estimate and the Pearson r measured on the held-out half (``selfval_spearman``;
+    ``selfval_spearman_top50`` over the top 50), and the mean estimate
+    (``selfval_estimate``), to set beside ``hvg1000_pcc``. Empty for other methods."""
+    from scipy.stats import spearmanr
+
+    from ..outputs import HELDOUT_PCC
+
+    rel = method.reliability()
+    if rel is None or HELDOUT_PCC not in rel:
+        return {}
+    est = rel[HELDOUT_PCC].reindex(genes).to_numpy(dtype=np.float64)
+    measured = metrics.pcc_per_gene(pred, truth)
+    ok = np.isfinite(est) & np.isfinite(measured)
+    top = ok & (np.arange(len(genes)) < 50)
+
+    def rho(sel):
+        return float(spearmanr(est[sel], measured[sel])[0]) if sel.sum() > 2 else float("nan")
+
+    return {"selfval_spearman": rho(ok), "selfval_spearman_top50": rho(top),
+            "selfval_estimate": float(np.mean(est[ok])) if ok.any() else float("nan")}
+
+
 def run_section(native, make_method, encoder: str, cache_dir: Path | None,
                 progress: bool = True, library: str = "predicted", depth: float | None = None,
                 seed: int = 0) -> dict:
@@ -132,6 +158,7 @@ def run_section(native, make_method, encoder: str, cache_dir: Path | None,
     if method.kind != SPOT and library == "measured":
         pred = metrics.log_cp10k(pred, lib)
     scores = score_held_out(pred, truth)
+    scores.update(self_validation(method, pred, truth, genes))
     scores.update({"n_spots": int(test.n_spots), "n_train_spots": int(train_sec.n_spots),
                    "n_genes": int(len(genes)), "seconds": round(t.elapsed, 1)})
     return scores
@@ -172,4 +199,4 @@ def p1(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
                         progress=progress)
 
 
-__all__ = ["p1", "split", "subset", "score_held_out", "run_section", "SCORING"]
+__all__ = ["p1", "self_validation", "split", "subset", "score_held_out", "run_section", "SCORING"]

@@ -24,7 +24,9 @@ Scores: per gene Pearson r across native spots; ``top50_pcc`` (mean), ``top50_pc
 its native members; single-member blocks dropped) and ``mae`` (mean absolute error on the
 log1p scale over the top50 genes, the headline set). With the consistency step on, the same
 fit is also scored without it (``raw_top50_pcc``, ``raw_hvg1000_pcc``,
-``raw_top50_within_pcc``): what the method predicts by itself.
+``raw_top50_within_pcc``): what the method predicts by itself. With calibrated detail on
+(``--set calibrate=true``, :mod:`histosr.calibration`) the same fit is also scored without
+it (``nocal_top50_pcc``, ``nocal_hvg1000_pcc``, ``nocal_top50_within_pcc``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from .common import (
     gene_scores,
     log,
     method_factory,
+    nocal_scores,
     protocol_cache,
     score_her2st,
     section_features,
@@ -124,18 +127,21 @@ def run_section(native, make_method, encoder: str, cache_dir: Path | None,
     method.fit([pooled], [fm], genes=genes)
     blocks = block.reindex(native.counts.obs_names).to_numpy()
 
-    def score(consistency: bool) -> dict:
+    def score(consistency: bool, calibrate: bool | None = None) -> dict:
         pred = method.predict(pooled, fm, at=native.xy, diameter_um=native.spot_diameter_um,
-                              consistency=consistency)
+                              consistency=consistency, calibrate=calibrate)
         X = columns(pred, genes)
         plib = predicted_library(X, pooled, blocks, genes) if library == "predicted" else None
         return score_native(X, native, genes, blocks, plib)
 
-    scores = score(bool(getattr(method, "consistency", False)))
-    if getattr(method, "consistency", False):
+    cons = bool(getattr(method, "consistency", False))
+    scores = score(cons)
+    if cons:
         # the same fit without the consistency step: what the method itself predicts
         raw = score(False)
         scores.update({f"raw_{k}": raw[k] for k in RAW_KEYS})
+    # with calibrated detail on, the same fit without it (consistency as set)
+    scores.update(nocal_scores(method, lambda cal: score(cons, cal)))
     scores["seconds"] = round(t.elapsed, 1)
     return scores
 

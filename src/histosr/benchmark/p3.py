@@ -85,12 +85,17 @@ def _load(spec, data):
 
 
 def run_fold(test, train, method, data=None, n_genes: int = 1000, progress: bool = False,
-             depth: float | None = None, seed: int = 0) -> dict:
+             depth: float | None = None, seed: int = 0, encoder: str = "handcrafted",
+             cache_dir=None) -> dict:
     """One P3 fold: fit a fresh copy of ``method`` (an unfitted template) on ``train``
     (names or Sections; counts thinned to a median of ``depth`` UMI per spot when given),
     predict the image-only view of ``test``, score it against its full counts. Returns
-    ``{"name", "scores", "fit_info"}``. Self-contained (a Dask task)."""
-    from .common import thin
+    ``{"name", "scores", "fit_info"}``. Self-contained (a Dask task). A superpixel method
+    (``image_only``, e.g. ``hybrid``) gets ``encoder`` FeatureMaps of every section and
+    predicts sums over the held-out spots' disks, put on the log1p CP10k scale with the
+    library its prediction implies (as P1/P2)."""
+    from ..methods.base import SPOT
+    from .common import section_features, thin
 
     t = Timer().__enter__()
     test_sec = _load(test, data)
@@ -101,9 +106,20 @@ def run_fold(test, train, method, data=None, n_genes: int = 1000, progress: bool
     m = dataclasses.replace(method)
     log(progress, f"{test_sec.name}: fit {m.name} on {', '.join(s.name for s in train_secs)} "
                   f"({sum(s.n_spots for s in train_secs)} spots, {len(genes)} genes)")
-    m.fit(train_secs, genes=genes)
-    pred = m.predict(image_only_view(test_sec), at="spots")
-    X = columns(pred, genes)
+    view = image_only_view(test_sec)
+    if m.kind == SPOT:
+        m.fit(train_secs, genes=genes)
+        X = columns(m.predict(view, at="spots"), genes)
+    else:
+        fms = [section_features(s, m, encoder, cache_dir, progress) for s in train_secs]
+        m.fit(train_secs, fms, genes=genes)
+        fm = section_features(view, m, encoder, cache_dir, progress)
+        C = np.clip(columns(m.predict(view, fm, at="spots", consistency=False,
+                                      calibrate=False), genes), 0, None)
+        tot = sum(float(np.asarray(s.counts.X.sum())) for s in train_secs)
+        sel = sum(float(np.asarray(s.counts[:, genes].X.sum())) for s in train_secs)
+        phi = sel / tot if tot > 0 else 1.0
+        X = metrics.log_cp10k(C, C.sum(axis=1) / max(phi, 1e-12))
     scores = score_section(X, test_sec, genes)
     scores["seconds"] = round(t.elapsed, 1)
     info = getattr(m, "fit_info_", None)
@@ -120,6 +136,7 @@ def p3(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
     ``encoder`` sets its image encoder; ``scheduler``: None (serial), ``"local"``, an address
     or a ``distributed.Client`` (see :func:`histosr.cluster.dask_client`)."""
     from ..datasets import HER2ST_SECTIONS
+    from ..methods.base import SuperpixelMethod
     from ..methods.spot import SpotMethod
     from . import results as report
 
@@ -131,17 +148,20 @@ def p3(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
         from ..methods.base import method_class
 
         cls = method_class(method)
-        if not issubclass(cls, SpotMethod):
+        if not cls.tags()["image_only"]:
             raise InputError(f"P3 predicts unmeasured sections from H&E alone: method "
-                             f"{method!r} is not a spot-level image method (use hespotex, "
-                             "ridge, knn_features or mean)")
+                             f"{method!r} is not an image-only method (use a spot-level "
+                             "one: hespotex, ridge, knn_features, mean; or hybrid)")
         method = cls(seed=int(seed))
-    if not isinstance(method, SpotMethod):
-        raise InputError(f"P3 needs a spot-level method, got {type(method).__name__}")
-    if not method.cache_dir:
+    if not isinstance(method, (SpotMethod, SuperpixelMethod)) or not method.tags()["image_only"]:
+        raise InputError(f"P3 needs an image-only method, got {type(method).__name__}")
+    if isinstance(method, SpotMethod):
+        if not method.cache_dir:
+            cache_dir = protocol_cache(cache_dir, out)
+        method = dataclasses.replace(method, encoder=encoder, cache_dir=str(cache_dir)
+                                     if cache_dir else method.cache_dir)
+    else:
         cache_dir = protocol_cache(cache_dir, out)
-    method = dataclasses.replace(method, encoder=encoder,
-                                 cache_dir=str(cache_dir) if cache_dir else method.cache_dir)
     make, params, mname = method_factory(method, epochs=epochs, n_states=n_states, seed=seed,
                                          progress=progress and scheduler is None)
     template = make()
@@ -183,7 +203,7 @@ def p3(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
     if scheduler is None or scheduler == "serial":
         for test, train in folds:
             record(run_fold(test, train, template, data, n_genes, progress,
-                            downsample_depth, seed))
+                            downsample_depth, seed, encoder=encoder, cache_dir=cache_dir))
     else:
         from distributed import as_completed
 
@@ -197,7 +217,8 @@ def p3(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
                     folds = [(held[i], [h for j, h in enumerate(held) if j != i])
                              for i in range(len(specs))]
                 futs = [client.submit(run_fold, test, train, template, data, n_genes, False,
-                                      downsample_depth, seed, pure=False)
+                                      downsample_depth, seed, encoder=encoder,
+                                      cache_dir=cache_dir, pure=False)
                         for test, train in folds]
                 for f in as_completed(futs):
                     record(f.result())

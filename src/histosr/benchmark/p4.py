@@ -14,7 +14,9 @@ superpixel (PCC is scale-free; SSIM/RMSE min-max normalise each map):
 that spot's mean: what super-resolution adds inside a measured spot), ``ssim``, ``rmse``,
 ``mae`` (normalised maps), the ``shuffled_*`` twins for the prediction with its tissue
 superpixels permuted (``numpy.random.default_rng(seed)``), and ``pcc_<kind>`` per gene kind
-of a synthetic section (visible / gradient / mixed / noise).
+of a synthetic section (visible / gradient / mixed / noise). With calibrated detail on
+(``--set calibrate=true``) the same fit is also scored without it (``nocal_pcc``,
+``nocal_top50_pcc``, ``nocal_top50_within_pcc``, ``nocal_ssim``, ...).
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from ..errors import InputError
 from ..geometry import grid_for, section_footprints
 from .common import (
     Timer,
-    fit_predict_truth,
+    fit_truth,
     log,
     method_factory,
+    nocal_scores,
     protocol_cache,
     score_sections,
 )
@@ -133,8 +136,14 @@ def run_section(section, make_method, encoder: str, cache_dir: Path | None, seed
                 progress: bool = True) -> dict:
     """Fit on a pseudo-spot section with truth, predict its tissue superpixels, score."""
     t = Timer().__enter__()
-    pred, genes = fit_predict_truth(section, make_method, encoder, cache_dir, progress)
-    scores = score_superpixels(pred, section, seed=seed, genes=genes)
+    method, fm, genes = fit_truth(section, make_method, encoder, cache_dir, progress)
+
+    def score(calibrate: bool | None = None) -> dict:
+        pred = method.predict(section, fm, at="superpixels", calibrate=calibrate)
+        return score_superpixels(pred, section, seed=seed, genes=genes)
+
+    scores = score()
+    scores.update(nocal_scores(method, score))
     scores["seconds"] = round(t.elapsed, 1)
     return scores
 

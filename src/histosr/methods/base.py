@@ -111,6 +111,10 @@ class Method:
     needs_features: ClassVar[bool] = True
     #: True for methods that can predict a section from its image alone (no measured spot)
     image_only: ClassVar[bool] = False
+    #: True for methods that give a per-superpixel uncertainty (``uncertainty_cells``)
+    has_uncertainty: ClassVar[bool] = False
+    #: what that uncertainty measures (recorded with the ``uncertainty`` maps)
+    uncertainty_units: ClassVar[str] = ""
     #: ranges and choices of parameters (types come from the field annotations)
     constraints: ClassVar[dict] = {"seed": Interval(int, 0)}
     #: parameters that change how a fit runs, not what it learns: not saved with a model,
@@ -166,7 +170,9 @@ class Method:
         return {"kind": cls.kind, "target": "superpixels" if cls.kind == SUPERPIXEL else "spots",
                 "scale": SCALES[cls.kind], "needs_features": bool(cls.needs_features),
                 "image_only": bool(cls.image_only),
-                "consistency": cls.kind == SUPERPIXEL}
+                "consistency": cls.kind == SUPERPIXEL,
+                "calibrate": cls.kind == SUPERPIXEL,
+                "uncertainty": bool(cls.has_uncertainty)}
 
     @property
     def target(self) -> str:
@@ -315,10 +321,19 @@ def fit_genes(sections: list, genes=None) -> list[str]:
 class SuperpixelMethod(Method):
     """Super-resolution methods: counts per 8 um superpixel (the sum over a spot's footprint
     approximates the spot's counts). Subclasses implement ``_fit(sections, features)`` and
-    ``_predict_cells(section, features, flat_cells) -> (n_cells, n_genes)``."""
+    ``_predict_cells(section, features, flat_cells) -> (n_cells, n_genes)``; optionally
+    ``_uncertainty_cells`` (per-superpixel spread, see :meth:`uncertainty_cells`).
+
+    Shared post-steps, in this order (:meth:`post_steps`): ``calibrate`` (calibrated detail,
+    :mod:`histosr.calibration`: each gene's detail kept in proportion to how well the method
+    predicts measured spots; ``calibrate_folds`` 0 = judged on the fitted spots, cheap;
+    K >= 2 = K blocked refits, honest) then ``consistency`` (:mod:`histosr.consistency`)."""
 
     kind: ClassVar[str] = SUPERPIXEL
+    constraints: ClassVar[dict] = {"calibrate_folds": Interval(int, 0)}
     consistency: bool = False
+    calibrate: bool = False
+    calibrate_folds: int = 0
 
     def _fit_kind(self, sections, features) -> None:
         features = self._features_for(sections, features)
@@ -341,38 +356,50 @@ class SuperpixelMethod(Method):
         """(n_cells, n_genes) float32 counts per superpixel at flat grid indices."""
         raise NotImplementedError  # pragma: no cover
 
+    def _check_params(self) -> None:
+        if self.calibrate_folds == 1:
+            raise ParameterError(f"'calibrate_folds' parameter of {self.name} must be 0 "
+                                 "(judge the detail on the fitted spots) or >= 2 (blocked "
+                                 "refits), got 1")
+
     def predict(self, section, features=None, at: str | np.ndarray | None = None,
                 consistency: bool | None = None, diameter_um: float | None = None,
-                max_bytes: float | None = None, scaler=None) -> ad.AnnData:
+                max_bytes: float | None = None, calibrate: bool | None = None,
+                post=None) -> ad.AnnData:
         """Predict expression.
 
         ``at``: ``None``/``"superpixels"`` (one observation per tissue superpixel, counts per
         8 um superpixel), ``"spots"`` (the section's own spots: footprint sums) or an (n, 2)
         array of full-res (x, y) px (sums over disks of ``diameter_um``, default the
         section's spot diameter). ``consistency`` (default: the method's setting) rescales
-        so each measured spot's footprint sums to its measured counts.
+        so each measured spot's footprint sums to its measured counts; ``calibrate``
+        (default: the method's setting) applies calibrated detail first.
 
         The superpixel prediction is built in memory: when it would need more than
         ``max_bytes`` (default: 60% of the memory available now) this raises
         :class:`PredictionTooLargeError` with the size; stream it to disk with
         :func:`histosr.outputs.stream_prediction` (the same AnnData as a chunked h5ad, and
-        zarr maps) instead: ``histosr run`` writes its outputs that way. ``scaler``: the
-        consistency factors of :meth:`consistency_scaler`, when already built.
+        zarr maps) instead: ``histosr run`` writes its outputs that way. ``post``: the
+        post-steps of :meth:`post_steps` when already fitted (then ``consistency`` and
+        ``calibrate`` are theirs).
         """
         self.check_fitted()
         features = self._features_for([section], None if features is None else [features])[0]
         grid = features.grid
         use_cons = self.consistency if consistency is None else bool(consistency)
+        use_cal = self.calibrate if calibrate is None else bool(calibrate)
         at = "superpixels" if at is None else at
-        uns = self.superpixel_uns(section, features, use_cons)
-        if use_cons and scaler is None:
-            scaler = self.consistency_scaler(section, features)
-        scaler = scaler if use_cons else None
-        if isinstance(at, str) and at == "superpixels":
+        whole = isinstance(at, str) and at == "superpixels"
+        if whole:  # before any work: would it fit?
             r, c = features.tissue_cells()
             self._check_size(len(r), use_cons, max_bytes)
+        if post is None:
+            post = self.post_steps(section, features, use_cons, use_cal)
+        use_cons, use_cal = post.consistency, post.calibrate
+        uns = self.superpixel_uns(section, features, use_cons, use_cal)
+        if whole:
             cells = grid.flat(r, c)
-            vals = self.predict_cells(section, features, cells, scaler=scaler)
+            vals = self.predict_cells(section, features, cells, post=post)
             return self._add_reliability(superpixel_anndata(vals, r, c, grid, self.genes_, uns))
         if isinstance(at, str) and at == "spots":
             fps, ids, xy = section.spot_footprints(), section.counts.obs_names, section.xy
@@ -384,7 +411,7 @@ class SuperpixelMethod(Method):
             fps, ids = [p[None] for p in xy], [str(i) for i in range(len(xy))]
             uns["in_sample"] = False
         d = diameter_um or section.spot_diameter_um
-        X = self.footprint_sums(section, features, footprint_matrix(grid, fps, d), scaler)
+        X = self.footprint_sums(section, features, footprint_matrix(grid, fps, d), post)
         out = ad.AnnData(X=X, obs=pd.DataFrame(index=pd.Index([str(i) for i in ids])),
                          var=pd.DataFrame(index=pd.Index(self.genes_)))
         out.obsm["spatial"] = np.asarray(xy, dtype=np.float64)
@@ -392,12 +419,13 @@ class SuperpixelMethod(Method):
         out.uns["histosr"] = uns
         return self._add_reliability(out)
 
-    def superpixel_uns(self, section, features, consistency: bool) -> dict:
+    def superpixel_uns(self, section, features, consistency: bool,
+                       calibrate: bool = False) -> dict:
         """``uns["histosr"]`` of a prediction at this section's superpixels (without the
         grid shape, which :func:`superpixel_anndata` adds)."""
         return self._uns(section, encoder=features.encoder, encoder_meta=dumps(features.meta),
                          um_per_px=float(features.grid.um_per_px), superpixel_um=8.0,
-                         consistency=bool(consistency))
+                         consistency=bool(consistency), calibrate=bool(calibrate))
 
     def _check_size(self, n_cells: int, consistency: bool, max_bytes: float | None) -> None:
         need = float(n_cells) * len(self.genes_) * 4 * (3 if consistency else 2)
@@ -415,36 +443,87 @@ class SuperpixelMethod(Method):
                 "'prediction.h5ad', 'maps.zarr')")
 
     def predict_cells(self, section, features, flat_cells: np.ndarray,
-                      consistency: bool = False, scaler=None) -> np.ndarray:
-        """Counts per superpixel at the given flat cells, optionally made consistent with
-        the section's measured spots (``scaler``: a
-        :class:`~histosr.consistency.ConsistencyScaler` already built, else one is built
-        when ``consistency``)."""
-        vals = np.asarray(self._predict_cells(section, features, flat_cells), dtype=np.float32)
-        if scaler is None and consistency:
-            scaler = self.consistency_scaler(section, features)
-        return vals if scaler is None else scaler.apply(vals, flat_cells)
+                      consistency: bool = False, calibrate: bool | None = None,
+                      post=None) -> np.ndarray:
+        """Counts per superpixel at the given flat cells, after the post-steps
+        (``post``: :meth:`post_steps` already fitted, else fitted here from ``consistency``
+        and ``calibrate``; ``calibrate`` None = the method's setting)."""
+        if post is None:
+            post = self.post_steps(section, features, consistency, calibrate)
+        return post(np.asarray(self._predict_cells(section, features, flat_cells),
+                               dtype=np.float32), flat_cells)
 
-    def consistency_scaler(self, section, features):
-        """The consistency step's factors for ``section`` (its measured spots)."""
+    def post_steps(self, section, features, consistency: bool | None = None,
+                   calibrate: bool | None = None) -> PostSteps:
+        """The shared post-steps for ``section`` (calibrated detail, then consistency;
+        ``None`` = the method's settings), fitted once here on the section's measured spots
+        and then applied block by block (streams): ``post(values, flat_cells)``."""
+        from ..calibration import DetailCalibrator
         from ..consistency import ConsistencyScaler
 
-        return ConsistencyScaler.from_method(self, section, features)
+        use_cal = self.calibrate if calibrate is None else bool(calibrate)
+        use_cons = self.consistency if consistency is None else bool(consistency)
+        cal = DetailCalibrator.from_method(self, section, features,
+                                           self.calibrate_folds) if use_cal else None
+        scaler = ConsistencyScaler.from_method(self, section, features,
+                                               calibrator=cal) if use_cons else None
+        return PostSteps(cal, scaler)
 
-    def footprint_sums(self, section, features, F, scaler=None) -> np.ndarray:
+    def footprint_sums(self, section, features, F, post=None) -> np.ndarray:
         """(n_footprints, G) float32 sums of the prediction over the rows of the footprint
         matrix ``F`` (n_footprints, n_grid_cells), predicted a block of superpixels at a
         time: memory grows with the footprints, not with the cells they cover."""
         from ..consistency import CELL_BLOCK
 
+        post = post if post is not None else PostSteps(None, None)
         cells = np.unique(F.indices)
         Fc = F[:, cells].tocsc()
         X = np.zeros((F.shape[0], len(self.genes_)), dtype=np.float64)
         for i in range(0, len(cells), CELL_BLOCK):
             blk = cells[i : i + CELL_BLOCK]
             X += Fc[:, i : i + CELL_BLOCK] @ self.predict_cells(section, features, blk,
-                                                                scaler=scaler)
+                                                                post=post)
         return X.astype(np.float32)
+
+    def uncertainty_cells(self, section, features, flat_cells: np.ndarray) -> np.ndarray | None:
+        """(n_cells, n_genes) float32 per-superpixel uncertainty (spread over the method's
+        ensemble members or CV folds, on the log1p CP10k scale), or None for a method that
+        has none (:attr:`has_uncertainty`). Written next to the maps
+        (:func:`histosr.outputs.predict_maps`, array ``uncertainty``)."""
+        self.check_fitted()
+        if not self.has_uncertainty:
+            return None
+        return np.asarray(self._uncertainty_cells(section, features,
+                                                  np.asarray(flat_cells, np.int64)), np.float32)
+
+    def _uncertainty_cells(self, section, features, flat_cells):  # pragma: no cover
+        raise NotImplementedError
+
+
+@dataclass
+class PostSteps:
+    """The shared post-steps of a super-resolution prediction, fitted on one section:
+    calibrated detail (:class:`~histosr.calibration.DetailCalibrator`) then consistency
+    (:class:`~histosr.consistency.ConsistencyScaler`); either may be None. Called on a
+    block of predicted values: ``post(values, flat_cells)``."""
+
+    calibrator: Any = None
+    scaler: Any = None
+
+    @property
+    def consistency(self) -> bool:
+        return self.scaler is not None
+
+    @property
+    def calibrate(self) -> bool:
+        return self.calibrator is not None
+
+    def __call__(self, values: np.ndarray, flat_cells: np.ndarray) -> np.ndarray:
+        if self.calibrator is not None:
+            values = self.calibrator.apply(values, flat_cells)
+        if self.scaler is not None:
+            values = self.scaler.apply(values, flat_cells)
+        return np.asarray(values, dtype=np.float32)
 
 
 def load_method(path: str | Path, **runtime) -> Method:

@@ -36,6 +36,9 @@ Algorithm (all on log1p CP10k of each spot's own library, the scale the protocol
    once, as the smoother is linear), turned into counts per superpixel with the field of
    the spots' library per footprint superpixel: ``expm1(v) x L / 1e4``. The shared
    consistency step then makes every measured footprint sum to its counts.
+5. **Nothing measured** (an image-only section: counts with no genes, e.g. P3's held-out
+   section): the image model alone (ridge on the footprint- or superpixel-mean features,
+   fitted on all training spots), on the training spots' mean library per superpixel.
 
 Deterministic for a seed (the fold assignment is the only random draw).
 """
@@ -101,6 +104,8 @@ class Hybrid(SuperpixelMethod):
     ``block_pitches``: CV block side in spot pitches; ``shrink``: pull of each gene's image
     weight toward the mean over genes (0 = none, 1 = one weight for all)."""
 
+    #: an image-only section (no genes measured) gets the image model alone (P3)
+    image_only: ClassVar[bool] = True
     constraints: ClassVar[dict] = {
         "k": Interval(int, 2), "n_folds": Interval(int, 2),
         "block_pitches": Interval(float, 0, closed="neither"),
@@ -123,6 +128,10 @@ class Hybrid(SuperpixelMethod):
         X = np.concatenate([t["X"] for t in tables])
         self.feat_mean_, self.feat_std_ = feature_stats(X)
         self.in_dim_ = int(X.shape[1])
+        # for sections with nothing measured (the image model alone)
+        self.spot_mean_ = np.concatenate([t["Y"] for t in tables]).mean(axis=0).astype(
+            np.float32)
+        self.libdens_mean_ = float(np.mean(np.concatenate([t["libdens"] for t in tables])))
 
         def z(x):
             return (x - self.feat_mean_) / self.feat_std_
@@ -153,13 +162,15 @@ class Hybrid(SuperpixelMethod):
         # out-of-fold field and image predictions on every spot (spatially blocked)
         folds = [spatial_folds(t["xy_um"], self.n_folds, self.block_pitches * t["pitch"],
                                self.seed + i) for i, t in enumerate(tables)]
-        Yo, Fo, Io = [], [], []
+        Yo, Fo, Io, fold_coef, fold_icpt = [], [], [], [], []
         for k in range(self.n_folds):
             train = [(t, np.flatnonzero(f != k)) for t, f in zip(tables, folds)]
             train = [(t, r) for t, r in train if len(r) >= 3]
             if not train:
                 continue
             model = ridge(train)
+            fold_coef.append(np.asarray(model.coef_, np.float32).T)
+            fold_icpt.append(np.asarray(model.intercept_, np.float32).reshape(-1))
             for t, f in zip(tables, folds):
                 held, rest = np.flatnonzero(f == k), np.flatnonzero(f != k)
                 if len(held) == 0 or len(rest) < 3:
@@ -184,6 +195,9 @@ class Hybrid(SuperpixelMethod):
         self.cv_pcc_interpolation_ = metrics.pcc_per_gene(Fo, Yo).astype(np.float32)
         self.cv_pcc_ = metrics.pcc_per_gene(Fo + self.image_weight_ * Io, Yo).astype(np.float32)
 
+        # the fold models' image parts: their spread is the per-superpixel uncertainty
+        self.fold_coef_ = np.stack(fold_coef)  # (folds, features, genes)
+        self.fold_intercept_ = np.stack(fold_icpt)  # (folds, genes)
         final = ridge([(t, np.arange(len(t["Y"]))) for t in tables])
         self.coef_ = np.asarray(final.coef_, dtype=np.float32).T.copy()  # (features, genes)
         self.intercept_ = np.asarray(final.intercept_, dtype=np.float32).reshape(-1)
@@ -191,10 +205,12 @@ class Hybrid(SuperpixelMethod):
         self.spots_ = {section_key(s, fm.grid, self.genes_): self._field_state(t)
                        for s, fm, t in zip(sections, features, tables)}
 
-    def _image(self, X: np.ndarray) -> np.ndarray:
-        """The image model on raw features (rows x genes)."""
-        out = ((X - self.feat_mean_) / self.feat_std_) @ self.coef_
-        return out if self.image_target == "residual" else out + self.intercept_
+    def _image(self, X: np.ndarray, fold: int | None = None) -> np.ndarray:
+        """The image model on raw features (rows x genes); ``fold``: that CV fold's model."""
+        coef, icpt = (self.coef_, self.intercept_) if fold is None else (
+            self.fold_coef_[fold], self.fold_intercept_[fold])
+        out = ((X - self.feat_mean_) / self.feat_std_) @ coef
+        return out if self.image_target == "residual" else out + icpt
 
     def _field_state(self, t: dict) -> dict:
         """What the map needs from a section's spots: positions, bandwidth and the values
@@ -204,7 +220,7 @@ class Hybrid(SuperpixelMethod):
         Y = t["Y"]
         if self.image_target == "expression":
             Y = Y - self.image_weight_ * self._image(t["X"])
-        return {"xy_um": t["xy_um"], "h": float(t["h"]),
+        return {"xy_um": t["xy_um"], "h": float(t["h"]), "X": t["X"].astype(np.float32),
                 "values": np.concatenate([Y, t["libdens"][:, None]], axis=1).astype(
                     np.float32)}
 
@@ -222,7 +238,7 @@ class Hybrid(SuperpixelMethod):
                             index=pd.Index(self.genes_))
 
     # -- prediction -------------------------------------------------------------------------
-    def _field_for(self, section, features) -> KernelField:
+    def _state_for(self, section, features) -> dict:
         missing = [g for g in self.genes_ if g not in section.counts.var_names]
         if missing:
             raise InputError(f"hybrid interpolates the measured spots of the section it "
@@ -233,18 +249,63 @@ class Hybrid(SuperpixelMethod):
             t = spot_table(section, features, self.genes_)
             t["h"], _ = loo_bandwidth(t["xy_um"], t["Y"], self.k)
             s = self._field_state(t)
+        return s
+
+    def _field_for(self, section, features) -> KernelField:
+        s = self._state_for(section, features)
         return KernelField(s["xy_um"], s["values"], s["h"], self.k)
+
+    has_uncertainty: ClassVar[bool] = True
+    uncertainty_units: ClassVar[str] = (
+        "standard deviation over the CV-fold image models of the hybrid's log1p CP10k "
+        "(w x the image part; 0 for genes with no image weight)")
+
+    def _uncertainty_cells(self, section, features, flat_cells: np.ndarray) -> np.ndarray:
+        """Per superpixel and gene: the standard deviation, over the ``n_folds`` image
+        models fitted in cross-validation, of ``w x`` their image part (regression kriging:
+        the model at the superpixel minus the field of its values at the measured spots),
+        on the log1p CP10k scale. The field of the measured expression is the same for
+        every fold, so this is the spread of the prediction itself."""
+        grid = features.grid
+        s = self._state_for(section, features)
+        K, G = len(self.fold_coef_), len(self.genes_)
+        field = None
+        if self.image_target == "expression":
+            spots = np.concatenate([self._image(s["X"], k) for k in range(K)], axis=1)
+            field = KernelField(s["xy_um"], spots, s["h"], self.k)
+        flat_cells = np.asarray(flat_cells, dtype=np.int64)
+        out = np.empty((len(flat_cells), G), dtype=np.float32)
+        chunk = max(256, 2**22 // max(K * G, 1))  # bounded (folds x cells x genes) block
+        for a in range(0, len(flat_cells), chunk):
+            r, c = grid.unflat(flat_cells[a : a + chunk])
+            X = features.gather(r, c)
+            parts = np.stack([self._image(X, k) for k in range(K)])  # (K, n, G)
+            if field is not None:
+                fld = field(grid.xy_of_cells(r, c) * float(grid.um_per_px))
+                parts = parts - fld.reshape(len(X), K, G).transpose(1, 0, 2)
+            out[a : a + chunk] = self.image_weight_ * parts.std(axis=0)
+        return out
 
     def _predict_cells(self, section, features, flat_cells: np.ndarray) -> np.ndarray:
         if features.dim != self.in_dim_:
             raise InputError(f"hybrid was fitted on {self.in_dim_}-d features but got a "
                              f"{features.dim}-d FeatureMap (encoder {features.encoder!r}): "
                              "use the encoder it was fitted with")
-        field = self._field_for(section, features)
         grid = features.grid
         G = len(self.genes_)
         out = np.empty((len(flat_cells), G), dtype=np.float32)
         chunk = max(1024, 2**24 // max(G, 1))
+        if section.counts.n_vars == 0:
+            # nothing measured (an image-only section, P3): the image model alone, on the
+            # training spots' mean library per superpixel
+            for a in range(0, len(flat_cells), chunk):
+                r, c = grid.unflat(np.asarray(flat_cells[a : a + chunk]))
+                v = self._image(features.gather(r, c))
+                if self.image_target == "residual":
+                    v = v + self.spot_mean_
+                out[a : a + chunk] = np.expm1(np.clip(v, 0, None)) * self.libdens_mean_ / 1e4
+            return out
+        field = self._field_for(section, features)
         for a in range(0, len(flat_cells), chunk):
             r, c = grid.unflat(np.asarray(flat_cells[a : a + chunk]))
             fv = field(grid.xy_of_cells(r, c) * float(grid.um_per_px))
