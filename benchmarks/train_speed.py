@@ -120,7 +120,7 @@ def measure(method: str, section: str, epochs: int, data, cache_dir, device: str
     probe0 = matmul_probe("cpu" if str(train.resolve_device(device)) == "cpu" else device)
     t0 = time.perf_counter()
     if spot:
-        m.fit([train_sec])
+        m.fit([train_sec], genes=genes)
     else:
         m.fit([train_sec], [fm], genes=genes)
     fit_s = time.perf_counter() - t0
