@@ -85,16 +85,21 @@ def _load(spec, data):
 
 
 def run_fold(test, train, method, data=None, n_genes: int = 1000, progress: bool = False,
-             depth: float | None = None, seed: int = 0) -> dict:
+             depth: float | None = None, seed: int = 0, stain_norm: str = "none",
+             stain_ref="builtin") -> dict:
     """One P3 fold: fit a fresh copy of ``method`` (an unfitted template) on ``train``
     (names or Sections; counts thinned to a median of ``depth`` UMI per spot when given),
-    predict the image-only view of ``test``, score it against its full counts. Returns
-    ``{"name", "scores", "fit_info"}``. Self-contained (a Dask task)."""
+    predict the image-only view of ``test``, score it against its full counts. With
+    ``stain_norm`` (``"macenko"``/``"reinhard"``, :mod:`histosr.stain`) every section's image
+    is normalised to ``stain_ref`` first. Returns ``{"name", "scores", "fit_info"}``.
+    Self-contained (a Dask task)."""
+    from ..stain import normalize_section
     from .common import thin
 
     t = Timer().__enter__()
-    test_sec = _load(test, data)
-    train_secs = [thin(_load(s, data), depth, seed) for s in train]
+    test_sec = normalize_section(_load(test, data), stain_norm, stain_ref, seed)
+    train_secs = [normalize_section(thin(_load(s, data), depth, seed), stain_norm, stain_ref,
+                                    seed) for s in train]
     genes = select_genes(train_secs, n_genes)
     if len(genes) < 2:
         raise InputError(f"fold {test_sec.name}: fewer than 2 genes pass the 10% filter")
@@ -113,14 +118,19 @@ def run_fold(test, train, method, data=None, n_genes: int = 1000, progress: bool
 def p3(method, sections=None, encoder: str = "handcrafted", data=None, epochs=None,
        n_states=None, seed: int = 0, consistency=None, out=None, progress: bool = True,
        scheduler=None, cache_dir=None, n_genes: int = 1000,
-       downsample_depth: float | None = None) -> dict:
+       downsample_depth: float | None = None, stain_norm: str = "macenko",
+       stain_ref="builtin") -> dict:
     """Run P3 over ``sections`` (her2st names, default C2..C6, or Section objects; at least
     two) and return the results dict; with ``out`` also write ``out/results.json``.
     ``method``: a registered name (``knn`` -> ``knn_features``) or a SpotMethod instance;
     ``encoder`` sets its image encoder; ``scheduler``: None (serial), ``"local"``, an address
-    or a ``distributed.Client`` (see :func:`histosr.cluster.dask_client`)."""
+    or a ``distributed.Client`` (see :func:`histosr.cluster.dask_client`). ``stain_norm``
+    (default ``"macenko"``: the model is applied to sections it was not fitted on) and
+    ``stain_ref`` (``"builtin"``, a Section or an image file) set the stain normalisation
+    of every section (:mod:`histosr.stain`; ``"none"`` switches it off)."""
     from ..datasets import HER2ST_SECTIONS
     from ..methods.spot import SpotMethod
+    from ..stain import METHODS as STAIN_METHODS
     from . import results as report
 
     t = Timer().__enter__()
@@ -156,6 +166,11 @@ def p3(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
                                         f"an unmeasured section; P3 runs {mname!r} (kNN in "
                                         "image-feature space)")
     params = depth_params(params, downsample_depth, seed)
+    if stain_norm not in STAIN_METHODS:
+        raise InputError(f"--stain-norm must be one of {', '.join(STAIN_METHODS)}, got "
+                         f"{stain_norm!r}")
+    params["stain_norm"] = {"method": stain_norm, "ref": str(
+        getattr(stain_ref, "name", stain_ref)) if stain_norm != "none" else None}
     specs = list(sections or HER2ST_SECTIONS)
     if len(specs) < 2:
         raise InputError(f"P3 needs at least 2 sections (one held out), got {len(specs)}")
@@ -183,7 +198,7 @@ def p3(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
     if scheduler is None or scheduler == "serial":
         for test, train in folds:
             record(run_fold(test, train, template, data, n_genes, progress,
-                            downsample_depth, seed))
+                            downsample_depth, seed, stain_norm, stain_ref))
     else:
         from distributed import as_completed
 
@@ -197,7 +212,8 @@ def p3(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
                     folds = [(held[i], [h for j, h in enumerate(held) if j != i])
                              for i in range(len(specs))]
                 futs = [client.submit(run_fold, test, train, template, data, n_genes, False,
-                                      downsample_depth, seed, pure=False)
+                                      downsample_depth, seed, stain_norm, stain_ref,
+                                      pure=False)
                         for test, train in folds]
                 for f in as_completed(futs):
                     record(f.result())
