@@ -398,7 +398,7 @@ def cmd_benchmark(args) -> int:
         if args.protocol != "p3":
             raise InputError("--stain-norm/--stain-ref apply to p3 (a model applied to "
                              "sections it was not fitted on)")
-        extra["stain_norm"] = args.stain_norm or "macenko"
+        extra["stain_norm"] = args.stain_norm or "macenko"  # --stain-ref alone: macenko
         extra["stain_ref"] = args.stain_ref or "builtin"
     if args.protocol == "cells":
         from .config import parse_assignments
@@ -650,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "protocols with independent folds (p3) run them in parallel")
     s.add_argument("--stain-norm", choices=["none", "macenko", "reinhard"],
                    help="p3: stain normalisation of every section before the encoder "
-                   "(default macenko)")
+                   "(default none; macenko when only --stain-ref is given)")
     s.add_argument("--stain-ref", help="p3: stain reference: 'builtin' (default) or an RGB "
                    "image file")
     _segmenter_args(s)
