@@ -12,6 +12,7 @@ crop again.
 
     python benchmarks/group_ablation.py --drop nuclei --stain-norm macenko --out DIR
     python benchmarks/group_ablation.py --drop colour --apply-to A1 --out DIR
+    python benchmarks/group_ablation.py --drop texture --protocol p1 --out DIR
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main(argv=None) -> int:
     ap.add_argument("--method", default="ridge")
     ap.add_argument("--stain-norm", default="macenko")
     ap.add_argument("--apply-to", default=None, help="e.g. A1: the cross-patient fold")
+    ap.add_argument("--protocol", default="p3", choices=["p1", "p3"])
     ap.add_argument("--train", default="C2,C3,C4,C5,C6")
     ap.add_argument("--cache", default=os.environ.get("HISTOSR_CACHE_DIR"))
     ap.add_argument("--out", required=True)
@@ -67,10 +69,16 @@ def main(argv=None) -> int:
                "applied_to": r["name"], **r["scores"]}
         (out / "cross_patient.json").write_text(json.dumps(res, indent=1))
     else:
-        from histosr.benchmark.p3 import p3
+        if a.protocol == "p1":
+            from histosr.benchmark.p1 import p1
 
-        res = p3(a.method, sections=a.train.split(","), encoder="handcrafted", out=out,
-                 progress=False, cache_dir=a.cache, stain_norm=a.stain_norm)
+            res = p1(a.method, sections=a.train.split(","), encoder="handcrafted", out=out,
+                     progress=False, cache_dir=a.cache)
+        else:
+            from histosr.benchmark.p3 import p3
+
+            res = p3(a.method, sections=a.train.split(","), encoder="handcrafted", out=out,
+                     progress=False, cache_dir=a.cache, stain_norm=a.stain_norm)
         res["encoder"] = enc  # results.json says which ablation it is
         res["params"]["ablation"] = (f"groups {sorted(drop)} off: columns of the default "
                                      "encoder's crop features (benchmarks/group_ablation.py)")
