@@ -132,16 +132,18 @@ def test_knn_interpolates_normalised_expression(syn):
     assert abs(norm[0] / norm.sum() - cnt[0] / cnt.sum()) > 0.1
 
 
-def test_hybrid_uncertainty_in_maps(syn, tmp_path):
+def test_hybrid_uncertainty_in_maps(syn, tmp_path, monkeypatch):
     import zarr
 
+    import histosr.outputs as outputs
     from histosr.outputs import predict_maps
 
+    monkeypatch.setattr(outputs, "MAP_ROWS", 7)  # several bands
     sec, fm, _ = syn
     m = get_method("hybrid", n_folds=3, progress=False).fit(sec, fm, genes="all")
     assert m.tags()["uncertainty"] and not get_method("knn").tags()["uncertainty"]
     path = predict_maps(m, sec, fm, tmp_path / "maps.zarr", genes=["g1", "g0"],
-                        block_rows=7, progress=False)
+                        progress=False)
     root = zarr.open_group(str(path), mode="r")
     maps, unc = np.asarray(root["maps"]), np.asarray(root["uncertainty"])
     assert unc.shape == maps.shape == (2, *fm.grid.shape)

@@ -3,7 +3,7 @@ import pytest
 from scipy import ndimage as ndi
 
 import histosr.features.tiling as tiling
-from histosr.features import FeatureMap, compute, get_encoder
+from histosr.features import FeatureMap, compute, get_encoder, nuclear
 from histosr.features.handcrafted import BASE_FEATURES
 from histosr.geometry import grid_for
 from histosr.image import ArrayImage
@@ -52,7 +52,9 @@ def arr(fm):
 
 def test_encoder_protocol():
     enc = get_encoder("handcrafted")
-    assert enc.dim == len(enc.feature_names) == 3 * len(BASE_FEATURES)
+    assert enc.dim == len(enc.feature_names) == 3 * (len(BASE_FEATURES) + len(nuclear.FEATURES))
+    v1 = get_encoder("handcrafted:v1")  # the original 63-dim encoder, same parameters
+    assert v1.dim == 3 * len(BASE_FEATURES) and "groups" not in v1.params
     assert enc.context_sp == 8 and enc.patch_um == 8.0
     tiles = np.random.default_rng(0).integers(0, 256, (2, 64, 48, 3), dtype=np.uint8)
     out = enc.embed_tiles(tiles)
@@ -85,7 +87,13 @@ def test_tiling_invariance(sec, tmp_path, tissue_only):
                 tissue_only=tissue_only, n_jobs=2)
     fa, fb = arr(a), arr(b)
     sel = a.mask if tissue_only else np.ones(a.shape, bool)
-    np.testing.assert_allclose(fa[sel], fb[sel], rtol=2e-3, atol=2e-4)
+    px = 3 * len(BASE_FEATURES)  # pixel statistics: exact whatever the tiling
+    np.testing.assert_allclose(fa[sel][:, :px], fb[sel][:, :px], rtol=2e-3, atol=2e-4)
+    # nuclear morphometrics: a clump of nuclei cut by a tile edge (beyond the 24 um halo)
+    # can split differently; a few superpixels change, none by much at context scales
+    na, nb = fa[sel][:, px:], fb[sel][:, px:]
+    scale = na.std(axis=0) + 1e-3
+    assert np.mean(np.abs(na - nb) / scale > 0.05) < 0.03
 
 
 def test_tiling_invariance_resampled(tmp_path):
@@ -96,8 +104,13 @@ def test_tiling_invariance_resampled(tmp_path):
     b = arr(compute(s, out=tmp_path / "b.zarr", tile_sp=48, progress=False, tissue_only=False))
     scale = a.reshape(-1, a.shape[2]).std(axis=0) + 1e-3
     err = np.abs(a - b) / scale
-    assert np.mean(err > 0.05) < 5e-3
-    assert (np.percentile(err.reshape(-1, a.shape[2]), 95, axis=0) < 0.05).all()
+    px = 3 * len(BASE_FEATURES)  # pixel statistics; then the nuclear morphometrics
+    assert np.mean(err[..., :px] > 0.05) < 5e-3
+    assert (np.percentile(err[..., :px].reshape(-1, px), 95, axis=0) < 0.05).all()
+    # a +-1 grey level can move a nucleus's centroid into the neighbouring superpixel or
+    # split it differently: per-superpixel nuclear values flip more often, context less
+    assert np.mean(err[..., px:] > 0.05) < 0.05
+    assert np.median(err[..., px:]) < 0.01
 
 
 def test_generic_encoder_halo(sec, tmp_path):
@@ -172,7 +185,7 @@ def test_cache_reuse_and_resume(sec, tmp_path, monkeypatch):
     # a different parameter is a different entry
     c = compute(sec, cache_dir=tmp_path, tile_sp=16, progress=False, tissue_only=False,
                 context_um=(32.0,))
-    assert c.path != a.path and c.dim == 2 * len(BASE_FEATURES)
+    assert c.path != a.path and c.dim == 2 * (len(BASE_FEATURES) + len(nuclear.FEATURES))
 
     # resume: a run killed after two bands restarts from the third
     def dying(*a, **k):

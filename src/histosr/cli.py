@@ -398,6 +398,12 @@ def cmd_benchmark(args) -> int:
     extra = {"scheduler": args.scheduler} if args.scheduler else {}
     if args.downsample_depth is not None:
         extra["downsample_depth"] = args.downsample_depth
+    if args.stain_norm is not None or args.stain_ref is not None:
+        if args.protocol != "p3":
+            raise InputError("--stain-norm/--stain-ref apply to p3 (a model applied to "
+                             "sections it was not fitted on)")
+        extra["stain_norm"] = args.stain_norm or "macenko"  # --stain-ref alone: macenko
+        extra["stain_ref"] = args.stain_ref or "builtin"
     if args.protocol == "cells":
         from .config import parse_assignments
 
@@ -646,6 +652,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "spot (seeded by --seed); scores stay against the full-depth counts")
     s.add_argument("--scheduler", help="Dask: 'local' (LocalCluster) or a scheduler address; "
                    "protocols with independent folds (p3) run them in parallel")
+    s.add_argument("--stain-norm", choices=["none", "macenko", "reinhard"],
+                   help="p3: stain normalisation of every section before the encoder "
+                   "(default none; macenko when only --stain-ref is given)")
+    s.add_argument("--stain-ref", help="p3: stain reference: 'builtin' (default) or an RGB "
+                   "image file")
     _segmenter_args(s)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_benchmark)

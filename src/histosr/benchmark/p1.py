@@ -26,6 +26,7 @@ the method's own held-out estimate and the PCC measured on the held-out half),
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +184,10 @@ def p1(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
     spot = cls.kind == SPOT
     if spot:
         consistency = False  # does not apply: spot methods predict whole spots
+        # spot methods read their own crop features: ``encoder`` is their parameter (as in
+        # P3), not the FeatureMap's, or --encoder would be recorded but not used
+        template = cls(seed=int(seed)) if isinstance(method, str) else method
+        method = dataclasses.replace(template, encoder=encoder)
     make, params, mname = method_factory(method, epochs=epochs, n_states=n_states, seed=seed,
                                          progress=progress, consistency=consistency)
     params = {**params, "seed": int(seed), "scoring": {

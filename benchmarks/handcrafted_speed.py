@@ -1,0 +1,45 @@
+"""Time of the default ``handcrafted`` encoder (with the nuclei group) on a whole her2st
+section against ``handcrafted:v1`` (the 63-dim encoder without it) in the same run.
+
+    OMP_NUM_THREADS=1 python benchmarks/handcrafted_speed.py --section C2 --n-jobs 2
+
+Prints one JSON line: seconds of each (features.compute, tissue tiles, no cache), their
+ratio, the dims and the tissue superpixels. Goal: the default under 60 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--section", default="C2")
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--n-jobs", type=int, default=2)
+    ap.add_argument("--encoders", default="handcrafted:v1,handcrafted:v2")
+    a = ap.parse_args(argv)
+
+    from histosr import features
+    from histosr.benchmark.common import read_section
+
+    s = read_section(a.data, a.section)
+    row: dict = {"section": s.name, "image_px": list(s.image.shape[:2]),
+                 "um_per_px": round(s.um_per_px, 4), "n_jobs": a.n_jobs}
+    secs = []
+    for enc in a.encoders.split(","):
+        t = time.perf_counter()
+        fm = features.compute(s, encoder=enc, progress=False, n_jobs=a.n_jobs)
+        secs.append(time.perf_counter() - t)
+        row[enc] = {"seconds": round(secs[-1], 1), "dim": fm.dim,
+                    "tissue_superpixels": int(fm.mask.sum())}
+    if len(secs) == 2:
+        row["ratio"] = round(secs[1] / secs[0], 2)
+    print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
