@@ -156,6 +156,11 @@ def p1(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
     spot = cls.kind == SPOT
     if spot:
         consistency = False  # does not apply: spot methods predict whole spots
+        # the spot method reads its crops through ``encoder`` (as in P3); without this the
+        # method's own default encoder ran whatever --encoder said
+        if isinstance(method, str):
+            method = cls(seed=int(seed))
+        method = dataclasses.replace(method, encoder=encoder)
     make, params, mname = method_factory(method, epochs=epochs, n_states=n_states, seed=seed,
                                          progress=progress, consistency=consistency)
     params = {**params, "seed": int(seed), "scoring": {

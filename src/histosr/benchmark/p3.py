@@ -140,7 +140,17 @@ def p3(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
         raise InputError(f"P3 needs a spot-level method, got {type(method).__name__}")
     if not method.cache_dir:
         cache_dir = protocol_cache(cache_dir, out)
-    method = dataclasses.replace(method, encoder=encoder,
+    specs = list(sections or HER2ST_SECTIONS)
+    if len(specs) < 2:
+        raise InputError(f"P3 needs at least 2 sections (one held out), got {len(specs)}")
+    # a slide-trained encoder ("ssl") is trained once on every section's image, so that
+    # training and held-out sections share one feature space
+    from ..features.ssl import UNTRAINED, shared_encoder
+
+    method_encoder, encoder_note = shared_encoder(
+        encoder, [_load(s, data) for s in specs] if encoder in UNTRAINED else [],
+        cache_dir, progress)
+    method = dataclasses.replace(method, encoder=method_encoder,
                                  cache_dir=str(cache_dir) if cache_dir else method.cache_dir)
     make, params, mname = method_factory(method, epochs=epochs, n_states=n_states, seed=seed,
                                          progress=progress and scheduler is None)
@@ -156,9 +166,8 @@ def p3(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
                                         f"an unmeasured section; P3 runs {mname!r} (kNN in "
                                         "image-feature space)")
     params = depth_params(params, downsample_depth, seed)
-    specs = list(sections or HER2ST_SECTIONS)
-    if len(specs) < 2:
-        raise InputError(f"P3 needs at least 2 sections (one held out), got {len(specs)}")
+    if encoder_note:
+        params["encoder_training"] = encoder_note
     names = [s if isinstance(s, str) else s.name for s in specs]
     folds = [(specs[i], [s for j, s in enumerate(specs) if j != i]) for i in range(len(specs))]
 

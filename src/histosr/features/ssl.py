@@ -279,22 +279,36 @@ def resolve(encoder, section, cache_dir=None, kwargs: dict | None = None,
                      **encoder.train)
         return SSLEncoder(weights=str(path), device=encoder.device,
                           **encoder.feature_params), kwargs
-    if not (isinstance(encoder, str) and encoder == "ssl"):
+    if not (isinstance(encoder, str) and encoder in UNTRAINED):
         return encoder, kwargs
     from .registry import check_encoder
 
-    kw = check_encoder("ssl", **kwargs)
+    kw = check_encoder(encoder, **kwargs)
     tk = {k: kw.pop(k) for k in list(kw) if k in TRAIN_DEFAULTS}
     progress = kw.pop("progress", progress)
     path = train([section], cache_dir, kw.get("device", "auto"), progress, **tk)
-    return f"ssl:{path}", kw
+    return f"{encoder}:{path}", kw
+
+
+def shared_encoder(encoder, sections, cache_dir=None, progress: bool = True):
+    """``(encoder, note)`` for protocols that compare sections (P3): an untrained ``"ssl"``
+    is trained ONCE on the images of all ``sections`` (no counts read) so that every section
+    is encoded by the same network; returns ``("ssl:<weights>", note)``. Other encoders
+    are returned unchanged with ``note=None``."""
+    if not (isinstance(encoder, str) and encoder in UNTRAINED):
+        return encoder, None
+    path = train(list(sections), cache_dir, progress=progress)
+    names = ", ".join(s.name for s in sections)
+    return f"{encoder}:{path}", (f"one ssl network (default parameters) trained on the H&E of all "
+                           f"sections of the run ({names}), the held-out ones included: images "
+                           "only, no counts, which P3 gives the method for the held-out section "
+                           f"anyway; weights {path.name}")
 
 
 class SSLEncoder:
     """Slide-trained CNN tokens (+ optional handcrafted base) with context; see the module
     docstring. Untrained (``weights=None``) it only knows its dimensions."""
 
-    name = "ssl"
     patch_um = 8.0
     base_halo_sp = 3  # receptive field 76 px: 3 superpixels (48 px) of halo cover it
 
@@ -307,6 +321,7 @@ class SSLEncoder:
         self.device, self.progress = device, bool(progress)
         self.feature_params = {"context_um": tuple(float(c) for c in context_um),
                                "handcrafted": bool(handcrafted)}
+        self.name = "ssl+handcrafted" if handcrafted else "ssl"
         self.context_um = self.feature_params["context_um"]
         self.context_sizes = tuple(2 * int(round(c / 16.0)) + 1 for c in self.context_um)
         self.context_sp = max([s // 2 for s in self.context_sizes], default=0)
@@ -343,7 +358,12 @@ class SSLEncoder:
             raise InputError(f"{str(p)!r} is not an ssl encoder checkpoint (format "
                              f"'histosr-ssl' version {SSL_VERSION}); retrain it")
         self.train = dict(ck["train_params"])
-        self.meta = {"weights": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest()[:16],
+        # digest of the weights themselves, not of the file (which records the run's timing)
+        h = hashlib.sha256()
+        for k in sorted(ck["state"]):
+            h.update(k.encode())
+            h.update(ck["state"][k].detach().cpu().contiguous().numpy().tobytes())
+        self.meta = {"weights": str(p), "sha256": h.hexdigest()[:16],
                      "sections": ck.get("sections"), "record": ck.get("record")}
         self._state = ck["state"]
 
@@ -410,14 +430,25 @@ _FEATURE_SPEC = {"device": (str, DEVICE), "context_um": (tuple[float, ...], None
                  "handcrafted": (bool, None), "progress": (bool, None)}
 
 
-@register_encoder("ssl", params={**_TRAIN_SPEC, **_FEATURE_SPEC})
-def _ssl(**kwargs) -> SSLEncoder:
-    return SSLEncoder(**kwargs)
+#: the untrained names (trained on the section they meet) and their fixed feature options
+UNTRAINED = {"ssl": {}, "ssl+handcrafted": {"handcrafted": True}}
 
 
-@register_encoder("ssl:", params=_FEATURE_SPEC)
-def _ssl_trained(weights: str, **kwargs) -> SSLEncoder:
-    return SSLEncoder(weights=weights, **kwargs)
+def _register(name: str, fixed: dict) -> None:
+    spec = {k: v for k, v in _FEATURE_SPEC.items() if k not in fixed}
+
+    @register_encoder(name, params={**_TRAIN_SPEC, **spec})
+    def _untrained(**kwargs) -> SSLEncoder:
+        return SSLEncoder(**kwargs, **fixed)
+
+    @register_encoder(f"{name}:", params=spec)
+    def _trained(weights: str, **kwargs) -> SSLEncoder:
+        return SSLEncoder(weights=weights, **kwargs, **fixed)
 
 
-__all__ = ["SSLEncoder", "train", "resolve", "weights_key", "TRAIN_DEFAULTS"]
+for _name, _fixed in UNTRAINED.items():
+    _register(_name, _fixed)
+
+
+__all__ = ["SSLEncoder", "train", "resolve", "shared_encoder", "weights_key",
+           "TRAIN_DEFAULTS"]
