@@ -81,3 +81,23 @@ def test_bad_parameters_fail_clearly(tmp_path):
     torch.save({"state": {}}, bad)
     with pytest.raises(InputError, match="not an ssl encoder checkpoint"):
         get_encoder(f"ssl:{bad}")
+
+
+def test_ridge_keeps_one_network_for_predicted_sections(tmp_path, monkeypatch):
+    """A spot method fitted with "ssl" trains one network on its training sections' images
+    and keeps it ("ssl:<weights>"): predicting another section trains nothing."""
+    from _hespotex_data import sections
+    from histosr.image_only import image_only_view
+    from histosr.methods.base import get_method
+    from histosr.pp import select_genes
+
+    for k, v in TINY.items():
+        monkeypatch.setitem(ssl.TRAIN_DEFAULTS, k, v)
+    train, test = sections()[:2], sections()[3]
+    genes = select_genes(train, 20)
+    m = get_method("ridge", encoder="ssl", scales=(1.0,), cache_dir=str(tmp_path))
+    m.fit(train, genes=genes)
+    assert m.encoder.startswith("ssl:") and m.encoder.endswith(".pt")
+    monkeypatch.setattr(ssl, "_train_state", lambda *a, **k: pytest.fail("trained again"))
+    pred = m.predict(image_only_view(test))
+    assert pred.shape == (test.n_spots, 20) and np.isfinite(np.asarray(pred.X)).all()

@@ -167,7 +167,8 @@ def p3(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
                                         "image-feature space)")
     params = depth_params(params, downsample_depth, seed)
     if encoder_note:
-        params["encoder_training"] = encoder_note
+        params["encoder_training"] = (encoder_note + "; the held-out sections' images are "
+                                      "included: P3 gives the method each held-out H&E anyway")
     names = [s if isinstance(s, str) else s.name for s in specs]
     folds = [(specs[i], [s for j, s in enumerate(specs) if j != i]) for i in range(len(specs))]
 

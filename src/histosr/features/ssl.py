@@ -291,18 +291,17 @@ def resolve(encoder, section, cache_dir=None, kwargs: dict | None = None,
 
 
 def shared_encoder(encoder, sections, cache_dir=None, progress: bool = True):
-    """``(encoder, note)`` for protocols that compare sections (P3): an untrained ``"ssl"``
-    is trained ONCE on the images of all ``sections`` (no counts read) so that every section
-    is encoded by the same network; returns ``("ssl:<weights>", note)``. Other encoders
-    are returned unchanged with ``note=None``."""
+    """``(encoder, note)`` where sections are compared (a model fitted on some and applied to
+    others, P3): an untrained ``"ssl"`` is trained ONCE on the images of all ``sections``
+    (no counts read) so that every section is encoded by the same network; returns
+    ``("ssl:<weights>", note)``. Other encoders are returned unchanged with ``note=None``."""
     if not (isinstance(encoder, str) and encoder in UNTRAINED):
         return encoder, None
     path = train(list(sections), cache_dir, progress=progress)
     names = ", ".join(s.name for s in sections)
-    return f"{encoder}:{path}", (f"one ssl network (default parameters) trained on the H&E of all "
-                           f"sections of the run ({names}), the held-out ones included: images "
-                           "only, no counts, which P3 gives the method for the held-out section "
-                           f"anyway; weights {path.name}")
+    return f"{encoder}:{path}", (f"one {encoder} network (default parameters) trained on the "
+                                 f"H&E of {names} (images only, no counts); weights "
+                                 f"{path.name}")
 
 
 class SSLEncoder:
