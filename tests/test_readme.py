@@ -41,6 +41,9 @@ INJECT = [
     (r"^histosr (--quiet )?fit .*--method (istar|hishrst|trihrge)", ["--set", "epochs=2"]),
     (r"^histosr (--quiet )?densify ", ["--set", "epochs=2", "--n-genes", "40"]),
     (r"^histosr (--quiet )?predict .*--image ", ["--pitch-um", "400"]),
+    (r"^histosr (--quiet )?features .*--encoder ssl", [
+        "--encoder-option", "steps=2", "--encoder-option", "n_tiles=32",
+        "--encoder-option", "batch_size=8"]),
 ]
 #: python snippets: (pattern, replacement)
 PY_SUBS = [(r"epochs=\d+", "epochs=2"), (r"n_states=\d+", "n_states=1")]

@@ -173,6 +173,18 @@ def p3(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
                                      if cache_dir else method.cache_dir)
     else:
         cache_dir = protocol_cache(cache_dir, out)
+    specs = list(sections or HER2ST_SECTIONS)
+    if len(specs) < 2:
+        raise InputError(f"P3 needs at least 2 sections (one held out), got {len(specs)}")
+    # a slide-trained encoder ("ssl") is trained once on every section's image, so that
+    # training and held-out sections share one feature space
+    from ..features.ssl import UNTRAINED, shared_encoder
+
+    shared, encoder_note = shared_encoder(
+        encoder, [_load(s, data) for s in specs] if encoder in UNTRAINED else [],
+        cache_dir or method.cache_dir, progress)
+    if isinstance(method, SpotMethod):
+        method = dataclasses.replace(method, encoder=shared)
     make, params, mname = method_factory(method, epochs=epochs, n_states=n_states, seed=seed,
                                          progress=progress and scheduler is None)
     template = make()
@@ -192,9 +204,9 @@ def p3(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
                          f"{stain_norm!r}")
     params["stain_norm"] = {"method": stain_norm, "ref": str(
         getattr(stain_ref, "name", stain_ref)) if stain_norm != "none" else None}
-    specs = list(sections or HER2ST_SECTIONS)
-    if len(specs) < 2:
-        raise InputError(f"P3 needs at least 2 sections (one held out), got {len(specs)}")
+    if encoder_note:
+        params["encoder_training"] = (encoder_note + "; the held-out sections' images are "
+                                      "included: P3 gives the method each held-out H&E anyway")
     names = [s if isinstance(s, str) else s.name for s in specs]
     folds = [(specs[i], [s for j, s in enumerate(specs) if j != i]) for i in range(len(specs))]
 
@@ -219,7 +231,7 @@ def p3(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
     if scheduler is None or scheduler == "serial":
         for test, train in folds:
             record(run_fold(test, train, template, data, n_genes, progress,
-                            downsample_depth, seed, encoder=encoder, cache_dir=cache_dir,
+                            downsample_depth, seed, encoder=shared, cache_dir=cache_dir,
                             stain_norm=stain_norm, stain_ref=stain_ref))
     else:
         from distributed import as_completed
@@ -234,7 +246,7 @@ def p3(method, sections=None, encoder: str = "handcrafted", data=None, epochs=No
                     folds = [(held[i], [h for j, h in enumerate(held) if j != i])
                              for i in range(len(specs))]
                 futs = [client.submit(run_fold, test, train, template, data, n_genes, False,
-                                      downsample_depth, seed, encoder=encoder,
+                                      downsample_depth, seed, encoder=shared,
                                       cache_dir=cache_dir, stain_norm=stain_norm,
                                       stain_ref=stain_ref, pure=False)
                         for test, train in folds]

@@ -99,6 +99,9 @@ def crop_features(section, encoder="handcrafted", size_um: float = 56.0, centers
     (``counts.obsm["spatial"]``). Returns float32 (n, d) for ``grid=1`` and
     (n, grid * grid, d) otherwise, d = :func:`crop_dim`.
     """
+    from .ssl import resolve
+
+    encoder = resolve(encoder, section, cache_dir, progress=progress)[0]  # "ssl": trained on this section
     enc = _encoder(encoder)
     if centers is None:
         centers = section.counts.obsm["spatial"]

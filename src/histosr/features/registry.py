@@ -31,7 +31,7 @@ class Encoder(Protocol):
 
 def _load_builtin() -> None:
     # registering imports nothing heavy: torch/timm/open_clip load when an encoder is built
-    from . import foundation, handcrafted  # noqa: F401 - uni, uni2, timm:, quiltnet, hipt
+    from . import foundation, handcrafted, ssl  # noqa: F401 - uni, uni2, timm:, quiltnet, hipt
 
 
 REGISTRY = Registry("encoder", _load_builtin)

@@ -259,6 +259,11 @@ def compute(
             "its parameters as keyword arguments, so that each Dask worker builds its own; "
             f"got an encoder object {type(encoder).__name__}"
         )
+    from .ssl import resolve
+
+    # a slide-trained encoder ("ssl") is trained on this section first (or its cached
+    # weights loaded) and becomes "ssl:<weights file>", which Dask workers can build
+    encoder, encoder_kwargs = resolve(encoder, section, cache_dir, encoder_kwargs, progress)
     with contextlib.ExitStack() as stack:
         client = None
         if scheduler is not None:

@@ -63,6 +63,11 @@ class ImageSpotMethod(SpotMethod):
         return f
 
     def _fit_features(self, sections) -> list[np.ndarray]:
+        from ..features.ssl import shared_encoder
+
+        # a slide-trained encoder ("ssl"): one network trained on the training sections'
+        # images, kept (as "ssl:<weights>") so that predicted sections share its features
+        self.encoder = shared_encoder(self.encoder, sections, self.cache_dir, False)[0]
         feats = [self._features(s, s.xy) for s in sections]
         self.train_diameter_um_ = float(np.median([s.spot_diameter_um for s in sections]))
         allf = np.concatenate(feats)
