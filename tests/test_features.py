@@ -51,7 +51,8 @@ def arr(fm):
 
 
 def test_encoder_protocol():
-    enc = get_encoder("handcrafted")
+    assert get_encoder("handcrafted").params == get_encoder("handcrafted:v1").params
+    enc = get_encoder("handcrafted:v2")  # with the nuclei group
     assert enc.dim == len(enc.feature_names) == 3 * (len(BASE_FEATURES) + len(nuclear.FEATURES))
     v1 = get_encoder("handcrafted:v1")  # the original 63-dim encoder, same parameters
     assert v1.dim == 3 * len(BASE_FEATURES) and "groups" not in v1.params
@@ -81,9 +82,9 @@ def test_shape_dim_mask(sec, tmp_path):
 
 @pytest.mark.parametrize("tissue_only", [False, True])
 def test_tiling_invariance(sec, tmp_path, tissue_only):
-    a = compute(sec, out=tmp_path / "a.zarr", tile_sp=16, progress=False,
+    a = compute(sec, "handcrafted:v2", out=tmp_path / "a.zarr", tile_sp=16, progress=False,
                 tissue_only=tissue_only, n_jobs=1)
-    b = compute(sec, out=tmp_path / "b.zarr", tile_sp=64, progress=False,
+    b = compute(sec, "handcrafted:v2", out=tmp_path / "b.zarr", tile_sp=64, progress=False,
                 tissue_only=tissue_only, n_jobs=2)
     fa, fb = arr(a), arr(b)
     sel = a.mask if tissue_only else np.ones(a.shape, bool)
@@ -100,8 +101,10 @@ def test_tiling_invariance_resampled(tmp_path):
     # 0.6 um/px: tiles are resampled to 0.5 um/px; tiles differ only by resampling rounding
     # (+-1 grey level), which can flip a few threshold/count features of single superpixels
     s = make_section(synth_he(700, 800, seed=3), um_per_px=0.6)
-    a = arr(compute(s, out=tmp_path / "a.zarr", tile_sp=16, progress=False, tissue_only=False))
-    b = arr(compute(s, out=tmp_path / "b.zarr", tile_sp=48, progress=False, tissue_only=False))
+    a = arr(compute(s, "handcrafted:v2", out=tmp_path / "a.zarr", tile_sp=16, progress=False,
+                    tissue_only=False))
+    b = arr(compute(s, "handcrafted:v2", out=tmp_path / "b.zarr", tile_sp=48, progress=False,
+                    tissue_only=False))
     scale = a.reshape(-1, a.shape[2]).std(axis=0) + 1e-3
     err = np.abs(a - b) / scale
     px = 3 * len(BASE_FEATURES)  # pixel statistics; then the nuclear morphometrics
@@ -185,7 +188,7 @@ def test_cache_reuse_and_resume(sec, tmp_path, monkeypatch):
     # a different parameter is a different entry
     c = compute(sec, cache_dir=tmp_path, tile_sp=16, progress=False, tissue_only=False,
                 context_um=(32.0,))
-    assert c.path != a.path and c.dim == 2 * (len(BASE_FEATURES) + len(nuclear.FEATURES))
+    assert c.path != a.path and c.dim == 2 * len(BASE_FEATURES)  # the default: no nuclei
 
     # resume: a run killed after two bands restarts from the third
     def dying(*a, **k):

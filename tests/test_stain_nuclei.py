@@ -93,7 +93,7 @@ def _planted(shape=(544, 544), n_side=6, axes=(4.0, 4.0), seed=0):
 
 
 def _nuclear_sums(img):
-    enc = get_encoder("handcrafted")
+    enc = get_encoder("handcrafted:v2")
     base = enc.embed_base(img[None])[0]
     raw = base[..., enc.base_dim - len(nuclear.RAW):]
     return raw.reshape(-1, len(nuclear.RAW)).sum(axis=0), raw
@@ -125,7 +125,7 @@ def test_planted_nuclei_counted_and_sized():
 
 
 def test_groups_switch_off_and_bad_names():
-    full = get_encoder("handcrafted")
+    full = get_encoder("handcrafted:v2")
     off = get_encoder("handcrafted:-nuclei")
     only = get_encoder("handcrafted:nuclei")
     assert off.dim == 63 and off.params == get_encoder("handcrafted:v1").params

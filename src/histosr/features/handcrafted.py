@@ -246,16 +246,7 @@ class HandcraftedEncoder:
         valid superpixels only (normalised convolution), so image borders are not biased.
         The nuclear group's per-superpixel sums are box-averaged the same way and then
         turned into nucleus-weighted means, spreads and fractions (:func:`nuclear.finalise`)."""
-        base = np.asarray(base, dtype=np.float64)
-        if valid is None:
-            valid = np.ones(base.shape[:2], dtype=np.float64)
-        valid = np.asarray(valid, dtype=np.float64)
-        parts = [base]
-        bv = base * valid[..., None]
-        for s in self.context_sizes:
-            num = ndi.uniform_filter(bv, size=(s, s, 1), mode="constant", cval=0.0)
-            den = ndi.uniform_filter(valid, size=s, mode="constant", cval=0.0)
-            parts.append(num / np.maximum(den, 1e-12)[..., None])
+        parts = context_means(base, self.context_sizes, valid)
         n = self._n_px
         out = [p[..., :n] for p in parts]
         if self.nuclei:
@@ -268,6 +259,23 @@ class HandcraftedEncoder:
         tile, so the caller reads tiles with a ``context_sp`` halo and crops it."""
         base = self.embed_base(batch)
         return np.stack([self.add_context(b) for b in base])
+
+
+def context_means(base: np.ndarray, sizes, valid: np.ndarray | None = None) -> list:
+    """``[base, box mean at sizes[0], ...]`` (each (h, w, d) float64) of per-superpixel
+    features: means over the valid superpixels of odd ``s`` x ``s`` windows (normalised
+    convolution, so image borders are not biased). Shared by the encoders' context stage."""
+    base = np.asarray(base, dtype=np.float64)
+    if valid is None:
+        valid = np.ones(base.shape[:2], dtype=np.float64)
+    valid = np.asarray(valid, dtype=np.float64)
+    parts = [base]
+    bv = base * valid[..., None]
+    for s in sizes:
+        num = ndi.uniform_filter(bv, size=(s, s, 1), mode="constant", cval=0.0)
+        den = ndi.uniform_filter(valid, size=s, mode="constant", cval=0.0)
+        parts.append(num / np.maximum(den, 1e-12)[..., None])
+    return parts
 
 
 _PARAMS = {

@@ -411,9 +411,10 @@ class SSLEncoder:
 
     def add_context(self, base: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
         """base || box means over each context scale (the handcrafted encoder's rule)."""
-        from .handcrafted import HandcraftedEncoder
+        from .handcrafted import context_means
 
-        return HandcraftedEncoder.add_context(self, base, valid)
+        parts = context_means(base, self.context_sizes, valid)
+        return np.concatenate(parts, axis=2).astype(np.float32)
 
     def embed_tiles(self, batch: np.ndarray) -> np.ndarray:
         base = self.embed_base(batch)
