@@ -29,27 +29,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def matmul_gflops(n: int = 1024, reps: int = 5, device: str = "cpu") -> float:
-    """Achieved GFLOP/s of an n x n float32 matrix product (the same probe as
-    ``encoder_throughput.py``)."""
+def one(args) -> dict:
     import torch
 
-    dev = torch.device(device if device != "auto" else
-                       ("cuda" if torch.cuda.is_available() else "cpu"))
-    a = torch.randn(n, n, device=dev)
-    b = torch.randn(n, n, device=dev)
-    a @ b
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
-
-
-def one(args) -> dict:
     sys.path.insert(0, str(HERE))
     from wholeslide_memory import _mb_on_disk, _peak_rss_mb, synthetic_section
 
@@ -63,7 +45,11 @@ def one(args) -> dict:
         params["epochs"] = max(1, round(fields["epochs"] * args.epochs_fraction))
     if args.precision and "precision" in cls.param_names():
         params["precision"] = args.precision
-    probe = matmul_gflops(device=args.device)
+    from histosr.benchmark.speed import matmul_probe
+
+    dev = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available()
+                                                     else "cpu")
+    probe = matmul_probe(dev) / 1e9
     t0 = time.perf_counter()
     section = synthetic_section(args.size, 0.5, args.genes)
     t_sec = time.perf_counter() - t0

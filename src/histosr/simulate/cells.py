@@ -34,6 +34,7 @@ from .synthetic import (
     CLASSES,
     _class_map,
     _smooth_field,
+    gene_kind_counts,
     pseudo_visium,
     visible_profile,
 )
@@ -163,10 +164,7 @@ def synthetic_cells_section(seed: int = 0, size_um: float = 800.0, n_genes: int 
     area_um2 = area_px * um**2
 
     # genes: per-cell rates (per um^2 of cell), by kind
-    n_vis = max(1, int(round(n_genes * 0.4)))
-    n_grad = max(1, int(round(n_genes * 0.3)))
-    n_mix = max(0, int(round(n_genes * 0.15)))
-    n_noise = max(0, n_genes - n_vis - n_grad - n_mix)
+    n_vis, n_grad, n_mix, n_noise = gene_kind_counts(n_genes)
     onehot = np.eye(len(CLASSES))[nuc_cls] if n else np.zeros((0, len(CLASSES)))
     rc = np.clip((xy[:, ::-1] / SP_PX).astype(int), 0, n_sp - 1) if n else np.zeros((0, 2), int)
     genes, kind, rates = [], {}, []

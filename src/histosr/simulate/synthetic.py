@@ -41,6 +41,15 @@ _STYLE = {
 _BACKGROUND = (243, 243, 245)
 
 
+def gene_kind_counts(n_genes: int) -> tuple[int, int, int, int]:
+    """How many of ``n_genes`` are visible, gradient, mixed and noise genes (at least one
+    visible and one gradient gene); shared by the synthetic and cell-truth sections."""
+    n_vis = max(1, int(round(n_genes * 0.4)))
+    n_grad = max(1, int(round(n_genes * 0.3)))
+    n_mix = max(0, int(round(n_genes * 0.15)))
+    return n_vis, n_grad, n_mix, max(0, n_genes - n_vis - n_grad - n_mix)
+
+
 def visible_profile(rng, i: int) -> tuple[str, np.ndarray]:
     """The ``i``-th image-visible gene: its name and its rate per tissue class (high in
     class ``i % 4``, low elsewhere)."""
@@ -189,11 +198,7 @@ def synthetic_section(
     mask = tissue_sp >= 0.5
     frac = np.where(mask[..., None], frac / np.maximum(tissue_sp, 1e-9)[..., None], 0.0)
 
-    # genes: counts of each kind (at least one visible and one gradient gene)
-    n_vis = max(1, int(round(n_genes * 0.4)))
-    n_grad = max(1, int(round(n_genes * 0.3)))
-    n_mix = max(0, int(round(n_genes * 0.15)))
-    n_noise = max(0, n_genes - n_vis - n_grad - n_mix)
+    n_vis, n_grad, n_mix, n_noise = gene_kind_counts(n_genes)
     genes, kind, rates = [], {}, []
     for i in range(n_vis):
         g, prof = visible_profile(rng, i)
