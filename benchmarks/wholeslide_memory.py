@@ -187,8 +187,10 @@ def synthetic_section(size: int, um_per_px: float, n_genes: int, seed: int = 0) 
     xy, tum = np.asarray(xy, float), np.asarray(tum, float)
     rng = np.random.default_rng(seed)
     load = rng.normal(0, 1, n_genes)
-    rate = np.exp(1.5 + np.outer(tum - 0.5, 3 * load))
-    X = rng.poisson(rate).astype(np.float32)
+    X = np.empty((len(xy), n_genes), np.float32)
+    for a in range(0, len(xy), 2048):  # blocks of spots: no (spots x genes) float64 rates
+        rate = np.exp(1.5 + np.outer(tum[a : a + 2048] - 0.5, 3 * load))
+        X[a : a + 2048] = rng.poisson(rate)
     import pandas as pd
 
     obs = pd.DataFrame({"array_row": rows, "array_col": cols})

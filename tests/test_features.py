@@ -97,6 +97,20 @@ def test_tiling_invariance(sec, tmp_path, tissue_only):
     assert np.mean(np.abs(na - nb) / scale > 0.05) < 0.03
 
 
+def test_context_blocks_invariance(sec, tmp_path, monkeypatch):
+    # pass 2 (context) runs in blocks of columns with a halo on every side, so its memory
+    # does not grow with the slide's width: narrow blocks give the same features
+    from histosr.features import tiling
+
+    a = arr(compute(sec, "handcrafted", out=tmp_path / "a.zarr", tile_sp=16, progress=False,
+                    tissue_only=False, n_jobs=1))
+    monkeypatch.setattr(tiling, "PASS2_COLS", 5)
+    b = arr(compute(sec, "handcrafted", out=tmp_path / "b.zarr", tile_sp=16, progress=False,
+                    tissue_only=False, n_jobs=1))
+    assert a.shape[1] > 3 * 5  # several blocks per band
+    np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4)
+
+
 def test_tiling_invariance_resampled(tmp_path):
     # 0.6 um/px: tiles are resampled to 0.5 um/px; tiles differ only by resampling rounding
     # (+-1 grey level), which can flip a few threshold/count features of single superpixels

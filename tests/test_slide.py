@@ -203,3 +203,27 @@ def test_pyramidal_tiff_without_slide_library_reads_level_0(ome, svs, base, monk
     np.testing.assert_array_equal(im.read(10, 20, 30, 40), base[10:40, 20:60])
     with pytest.raises(ValueError, match=r"pip install 'histosr\[slides\]'"):
         open_image(svs)  # a .svs is a slide or nothing
+
+
+@pytest.mark.parametrize("mode,suffix", [("RGB", ".jpg"), ("L", ".jpg"), ("RGBA", ".png")])
+def test_whole_decode_equals_pil_with_and_without_imagecodecs(tmp_path, mode, suffix,
+                                                              monkeypatch):
+    # a JPEG decodes straight into the array (no PIL copies: 3 bytes per pixel at the
+    # peak); every path gives PIL's RGB pixels
+    import sys
+
+    from PIL import Image
+
+    from histosr import image as himage
+
+    rng = np.random.default_rng(0)
+    px = rng.integers(0, 256, (1100, 700, 4), dtype=np.uint8)
+    im = Image.fromarray(px, "RGBA").convert(mode)
+    path = tmp_path / f"x{suffix}"
+    im.save(path)
+    want = np.asarray(Image.open(path).convert("RGB"))
+    got = FileImage(str(path)).read(0, 0, 1100, 700)
+    np.testing.assert_array_equal(got, want)
+    monkeypatch.setitem(sys.modules, "imagecodecs", None)  # not installed
+    monkeypatch.setattr(himage, "_DECODE_ROWS", 256)  # several strips
+    np.testing.assert_array_equal(FileImage(str(path)).read(0, 0, 1100, 700), want)

@@ -27,6 +27,8 @@ def row_sums(x) -> np.ndarray:
     """float64 (n_rows,) sums of each row (a spot's library size when ``x`` holds counts)."""
     if sp.issparse(x):
         return np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
+    if isinstance(x, np.ndarray):  # no float64 copy of a float32 matrix
+        return x.sum(axis=1, dtype=np.float64).reshape(len(x))
     return dense(x).sum(axis=1)
 
 

@@ -119,16 +119,51 @@ PRED_MEAN, PRED_MAX = "mean_per_superpixel", "max_per_superpixel"
 
 
 @dataclass
+class KeptMaps:
+    """The ``keep`` genes of a streamed prediction at every tissue superpixel, in memory
+    without an AnnData's per-observation names: on a whole slide the 3 million
+    ``"row_col"`` strings cost ~500 MB, the values 12 MB per gene. It has what
+    :func:`histosr.pl.previews` reads from an AnnData (``X``, ``obs`` row/col with a
+    RangeIndex, ``obsm["spatial"]`` x = column, y = row in full-resolution px, ``var``,
+    ``uns``); :meth:`to_anndata` gives the AnnData (the file's layout) when it fits."""
+
+    X: np.ndarray  # (n_obs, n_genes) float32, counts per 8 um superpixel
+    obs: pd.DataFrame  # row, col (int32) superpixel grid indices
+    var: pd.DataFrame
+    uns: dict
+    grid: object  # histosr.grid.Grid
+
+    @property
+    def n_obs(self) -> int:
+        return int(self.X.shape[0])
+
+    @property
+    def var_names(self) -> pd.Index:
+        return self.var.index
+
+    @property
+    def obsm(self) -> dict:
+        r, c = self.obs["row"].to_numpy(), self.obs["col"].to_numpy()
+        return {"spatial": self.grid.xy_of_cells(r, c)}
+
+    def to_anndata(self) -> ad.AnnData:
+        a = superpixel_anndata(self.X, self.obs["row"].to_numpy(), self.obs["col"].to_numpy(),
+                               self.grid, list(self.var.index), self.uns)
+        a.var = self.var.copy()
+        return a
+
+
+@dataclass
 class StreamedPrediction:
-    """What :func:`stream_prediction` wrote. ``kept``: the ``keep`` genes in memory (an
-    AnnData like the file's, e.g. for previews); ``var``: the file's ``var`` (with
+    """What :func:`stream_prediction` wrote. ``kept``: the ``keep`` genes in memory
+    (:class:`KeptMaps`, e.g. for previews); ``var``: the file's ``var`` (with
     :data:`PRED_MEAN`, :data:`PRED_MAX`)."""
 
     h5ad: Path | None
     maps: Path | None
     n_obs: int
     var: pd.DataFrame
-    kept: ad.AnnData | None = None
+    kept: KeptMaps | None = None
     consistency: bool = False
 
 
@@ -261,8 +296,8 @@ def stream_prediction(method, section, features, h5ad: str | Path | None = None,
             f.close()
     kept = None
     if keep:
-        kept = superpixel_anndata(kept_vals, kept_r, kept_c, grid, keep, uns)
-        kept.var = v.loc[keep].copy()
+        kept = KeptMaps(kept_vals, pd.DataFrame({"row": kept_r, "col": kept_c}),
+                        v.loc[keep].copy(), {**uns, "grid_shape": list(grid.shape)}, grid)
     return StreamedPrediction(h5ad, maps, n, v, kept, bool(use_cons))
 
 

@@ -207,7 +207,7 @@ def _superpixel_outputs(rep, method, section, fm, rc: RunConfig, out: Path) -> N
     analyses (cells, pathways, interactions, SpatialData) read the written file."""
     import pandas as pd
 
-    from .metrics import log_cp10k, pcc_per_gene
+    from .metrics import pcc_log_cp10k
     from .outputs import (
         IN_SAMPLE_PCC,
         PRED_MAX,
@@ -227,8 +227,8 @@ def _superpixel_outputs(rep, method, section, fm, rc: RunConfig, out: Path) -> N
         post = method.post_steps(section, fm)  # calibrated detail, consistency: fitted once
         spots_pred = method.predict(section, fm, at="spots", post=post)
         raw = method.predict(section, fm, at="spots", consistency=False)
-        r = np.asarray(pcc_per_gene(log_cp10k(raw.X), log_cp10k(section.dense_counts(
-            method.genes_))), dtype=np.float32)
+        r = pcc_log_cp10k(raw.X, section.counts[:, method.genes_].X).astype(np.float32)
+        del raw
         spots_pred.var[IN_SAMPLE_PCC] = r
     rep.metrics["in_sample_spot_pcc_mean"] = float(np.mean(r))
     rep.metrics["in_sample_spot_pcc_median"] = float(np.median(r))

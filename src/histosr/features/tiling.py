@@ -153,21 +153,42 @@ def _pass1_band(enc, image, um: float, r0: int, r1: int, cols, W: int, width: in
     return band
 
 
+#: superpixel columns of one pass-2 block: with the band's rows, it bounds pass 2's working
+#: set (the context stage holds several float64 copies of a block) whatever the slide width
+PASS2_COLS = 512
+
+
 def _pass2_band(enc, base, r0: int, r1: int, H: int, W: int, ctx: int,
-                skip: np.ndarray | None) -> np.ndarray:
+                skip: np.ndarray | None, cols: int | None = None) -> np.ndarray:
     """float16 (r1 - r0, W, dim) features of one band: context over the base array ``base``
-    (zarr, (H, W, base_dim)) read with ``ctx`` superpixel rows of halo; ``skip`` (W,) bool:
-    columns set to zero (tiles away from tissue)."""
+    (zarr, (H, W, base_dim)), block by block of ``cols`` superpixel columns, each read with
+    a ``ctx`` superpixel halo on all sides (zeros and ``valid`` = 0 beyond the image), so
+    the result does not depend on the block size; ``skip`` (W,) bool: columns set to zero
+    (tiles away from tissue)."""
+    cols = int(cols or PASS2_COLS)
     a0, a1 = max(r0 - ctx, 0), min(r1 + ctx, H)
-    pad0, pad1 = ctx - (r0 - a0), ctx - (a1 - r1)
-    blk = np.zeros((pad0 + (a1 - a0) + pad1, W, enc.base_dim), np.float32)
-    blk[pad0: pad0 + a1 - a0] = base[a0:a1]
-    valid = np.zeros(blk.shape[:2], np.float32)
-    valid[pad0: pad0 + a1 - a0] = 1.0
-    f = enc.add_context(blk, valid)[ctx: ctx + r1 - r0]
+    pad0 = ctx - (r0 - a0)
+    rows = (r1 - r0) + 2 * ctx
+    out = None
+    for c0 in range(0, W, cols):
+        c1 = min(c0 + cols, W)
+        if skip is not None and skip[c0:c1].all():
+            continue
+        b0, b1 = max(c0 - ctx, 0), min(c1 + ctx, W)
+        left = ctx - (c0 - b0)
+        blk = np.zeros((rows, (c1 - c0) + 2 * ctx, enc.base_dim), np.float32)
+        blk[pad0: pad0 + a1 - a0, left: left + b1 - b0] = base[a0:a1, b0:b1]
+        valid = np.zeros(blk.shape[:2], np.float32)
+        valid[pad0: pad0 + a1 - a0, left: left + b1 - b0] = 1.0
+        f = enc.add_context(blk, valid)[ctx: ctx + r1 - r0, ctx: ctx + c1 - c0]
+        if out is None:
+            out = np.zeros((r1 - r0, W, f.shape[2]), np.float16)
+        out[:, c0:c1] = f
+    if out is None:  # nothing to encode in this band
+        out = np.zeros((r1 - r0, W, int(enc.dim)), np.float16)
     if skip is not None:
-        f[:, skip] = 0.0
-    return f.astype(np.float16)
+        out[:, skip] = 0.0
+    return out
 
 
 def _band_rows(b: int, tile_sp: int, H: int) -> tuple[int, int]:

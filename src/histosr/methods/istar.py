@@ -120,15 +120,16 @@ class IStar(SuperpixelMethod):
             r, c = fm.grid.unflat(uniq)
             blocks.append(fm.gather(r, c))
             n = np.diff(F.indptr)
-            counts = sec.dense_counts(self.genes_)
-            for i in np.flatnonzero(n > 0):
+            have = np.flatnonzero(n > 0)
+            for i in have:
                 spot_cells.append(inv[F.indptr[i] : F.indptr[i + 1]] + offset)
-                dens.append(counts[i] / n[i])
+            # one (spots x genes) array per section, no per-spot copies: whole slides
+            dens.append(sec.dense_counts(self.genes_)[have] / n[have, None])
             offset += len(uniq)
         if not spot_cells:
             raise InputError("istar: no training spot has a footprint on the superpixel grid")
         X = np.concatenate(blocks).astype(np.float32)
-        return X, spot_cells, np.stack(dens)
+        return X, spot_cells, np.concatenate(dens) if len(dens) > 1 else dens[0]
 
     def _fit(self, sections, features) -> None:
         import torch
@@ -137,6 +138,7 @@ class IStar(SuperpixelMethod):
         self.feat_mean_, self.feat_std_ = feature_stats(X, self.standardize)
         X = (X - self.feat_mean_) / self.feat_std_
         Y, self.target_min_, self.target_scale_ = minmax(dens)
+        del dens  # float64: twice Y's size
 
         n_spots, n_genes, d_in = len(spot_cells), Y.shape[1], X.shape[1]
         self.in_dim_, self.n_train_spots_ = int(d_in), int(n_spots)
