@@ -146,14 +146,15 @@ class StainNormalizer:
         if self.method == "macenko":
             # out = Io exp(-OD M), M = pinv(HE_src)^T diag(maxc_tgt / maxc_src) HE_tgt^T (3 x 3),
             # is a product over input channels of exp(-OD_j M_j.), each a function of one
-            # uint8 value: three 256-entry tables, no exp per pixel (~4x faster)
-            m = (np.linalg.pinv(np.asarray(self.source["he"])).T
-                 * (np.asarray(self.target["maxc"]) / np.asarray(self.source["maxc"]))
-                 @ np.asarray(self.target["he"]).T)
-            lut = np.exp(-_LUT_OD[None, :, None] * m[:, None, :]).astype(np.float32)
-            out = lut[0][px[:, 0]] * lut[1][px[:, 1]]
-            out *= lut[2][px[:, 2]]
-            out *= np.float32(IO)
+            # uint8 value: three 256-entry tables (Io folded in), no exp per pixel; with
+            # np.take and in-place rounding ~8x faster than the matrix form
+            lut = self._macenko_tables()
+            out = np.take(lut[0], px[:, 0], axis=0)
+            out *= np.take(lut[1], px[:, 1], axis=0)
+            out *= np.take(lut[2], px[:, 2], axis=0)
+            np.minimum(out, np.float32(255.0), out=out)  # > 0: +0.5 and truncate rounds
+            out += np.float32(0.5)
+            return out.astype(np.uint8).reshape(shape[:-1] + (3,))
         else:
             gain = (self.target["std"] / self.source["std"]).astype(np.float32)
             shift = (self.target["mean"] - self.source["mean"] * gain).astype(np.float32)
@@ -164,6 +165,18 @@ class StainNormalizer:
                         0, 1)
             out = w * out + (1 - w) * px
         return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(shape[:-1] + (3,))
+
+    def _macenko_tables(self) -> np.ndarray:
+        """float32 (3, 256, 3): Io^(1/3) exp(-OD(v) M[j]) for input channel j, value v."""
+        lut = getattr(self, "_lut", None)
+        if lut is None:
+            m = (np.linalg.pinv(np.asarray(self.source["he"])).T
+                 * (np.asarray(self.target["maxc"]) / np.asarray(self.source["maxc"]))
+                 @ np.asarray(self.target["he"]).T)
+            lut = (np.exp(-_LUT_OD[None, :, None] * m[:, None, :])
+                   * IO ** (1 / 3)).astype(np.float32)
+            self._lut = lut
+        return lut
 
     @property
     def record(self) -> dict:
