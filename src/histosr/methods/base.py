@@ -40,6 +40,7 @@ from ..geometry import Grid, disk_cells, footprint_matrix
 from ..keys import digest, dumps, jsonable
 from ..params import Interval, ParameterError, check_names, validate_fields
 from ..registry import Registry
+from ..stain import applied as stain_applied
 
 SUPERPIXEL, SPOT = "superpixel", "spot"
 KINDS = (SUPERPIXEL, SPOT)
@@ -235,7 +236,8 @@ class Method:
                "params": dumps(self.learned_params()), "seed": int(self.seed),
                "version": __version__, "section": str(getattr(section, "name", "")),
                "fitted_on": dumps([r["name"] for r in self.training_sections_ or []]),
-               "in_sample": bool(section is not None and self.fitted_on(section))}
+               "in_sample": bool(section is not None and self.fitted_on(section)),
+               "stain_norm": dumps(stain_applied(section))}
         out.update(extra)
         return out
 
