@@ -20,10 +20,23 @@ def fitted():
     return s, fm, m.set_params(consistency=True)
 
 
-def test_streamed_prediction_equals_in_memory(fitted, tmp_path, monkeypatch):
+def test_band_rows_shrink_with_width():
+    # a band's (superpixels x genes) float32 prediction stays under BAND_BYTES: wide slides
+    # get fewer rows per band, so memory does not grow with the width
+    assert outputs.band_rows(800, 1000) == 20
+    assert outputs.band_rows(2500, 1000) == 6
+    assert outputs.band_rows(100, 20) == outputs.MAP_ROWS
+    assert outputs.band_rows(10**7, 1000) == 1
+
+
+@pytest.mark.parametrize("band", ["rows", "bytes"])
+def test_streamed_prediction_equals_in_memory(fitted, tmp_path, monkeypatch, band):
     s, fm, m = fitted
-    # several bands and several blocks per band, so the stitching is exercised
+    # several bands and several blocks per band, so the stitching is exercised; bands of
+    # MAP_ROWS rows, or of one row each (a slide too wide for BAND_BYTES)
     monkeypatch.setattr(outputs, "MAP_ROWS", 5)
+    if band == "bytes":
+        monkeypatch.setattr(outputs, "BAND_BYTES", 1)
     monkeypatch.setattr(outputs, "X_CHUNK_ROWS", 37)
     monkeypatch.setattr(consistency, "CELL_BLOCK", 29)
     keep = [s.genes[3], s.genes[0]]

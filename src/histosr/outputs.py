@@ -112,6 +112,17 @@ def write_h5ad(adata, path: str | Path, section=None, images: dict | None = None
 
 #: superpixel rows of one streamed band (and of one zarr map chunk)
 MAP_ROWS = 32
+#: most bytes of one band's float32 (superpixels x genes) prediction: wide slides get bands
+#: of fewer rows (a 40,000 px slide is 2,500 superpixels wide), so memory does not grow
+#: with the slide's width
+BAND_BYTES = 64 * 2**20
+
+
+def band_rows(width_sp: int, n_genes: int) -> int:
+    """Superpixel rows per streamed band: :data:`MAP_ROWS`, fewer where a band of the slide's
+    width would exceed :data:`BAND_BYTES` (at least one row)."""
+    fit = BAND_BYTES // max(1, int(width_sp) * int(n_genes) * 4)
+    return int(min(MAP_ROWS, max(1, fit)))
 #: observations per chunk of the streamed ``X`` (x up to 64 genes: 1 MB float32 chunks)
 X_CHUNK_ROWS = 4096
 #: ``var`` columns the streamed prediction adds: per-gene statistics over the tissue
@@ -173,7 +184,7 @@ def stream_prediction(method, section, features, h5ad: str | Path | None = None,
                       calibrate: bool | None = None, post=None,
                       maps_genes: list[str] | None = None,
                       progress: bool = True) -> StreamedPrediction:
-    """Predict every tissue superpixel a band of :data:`MAP_ROWS` superpixel rows at a time
+    """Predict every tissue superpixel a band of superpixel rows at a time (:func:`band_rows`)
     and stream it to disk, never holding the tissue x genes prediction in memory:
 
     * ``h5ad``: the AnnData of :meth:`~histosr.methods.base.SuperpixelMethod.predict`
@@ -205,6 +216,7 @@ def stream_prediction(method, section, features, h5ad: str | Path | None = None,
     h, w = features.shape
     n = int(mask.sum())
     G = len(genes)
+    rows = band_rows(w, G)
     uns = method.superpixel_uns(section, features, use_cons, post.calibrate)
     v = pd.DataFrame(index=pd.Index(genes))
     if var is not None:
@@ -232,14 +244,14 @@ def stream_prediction(method, section, features, h5ad: str | Path | None = None,
         tmp_maps = maps.with_name(maps.name + ".tmp")
         shutil.rmtree(tmp_maps, ignore_errors=True)
         root = zarr.open_group(str(tmp_maps), mode="w")
-        chunks = (min(len(mgenes), 16), min(h, MAP_ROWS), min(w, 256))
+        chunks = (min(len(mgenes), 16), min(h, rows), min(w, 256))
         zmaps = create_zarr_array(root, "maps", (len(mgenes), h, w), chunks, "f4")
         zunc = create_zarr_array(root, "uncertainty", (len(mgenes), h, w), chunks, "f4") \
             if with_unc else None
     try:
         i = 0
-        for r0 in tqdm(range(0, h, MAP_ROWS), desc="predict", disable=not progress):
-            r1 = min(r0 + MAP_ROWS, h)
+        for r0 in tqdm(range(0, h, rows), desc="predict", disable=not progress):
+            r1 = min(r0 + rows, h)
             rr, cc = np.nonzero(mask[r0:r1])
             rr = rr + r0
             band = np.zeros((len(rr), G), np.float32)
