@@ -397,12 +397,12 @@ class Hybrid(SuperpixelMethod):
         that are not measured spots (an (n, 2) array of px, or the spots of a section with
         nothing measured) are predicted as whole spots by the spot-level model (module
         docstring, step 5): counts per footprint, no post-steps (they act on 8 um maps)."""
+        self.check_fitted()
         whole = at is None or (isinstance(at, str) and at == "superpixels")
         spots = isinstance(at, str) and at == "spots"
         if self.spot_model_ != "crops" or whole or (spots and section.counts.n_vars > 0):
             return super().predict(section, features, at, consistency, diameter_um,
                                    max_bytes, calibrate, post)
-        self.check_fitted()
         if not spots and isinstance(at, str):
             raise InputError(f"at must be 'superpixels', 'spots' or an (n, 2) array of px, "
                              f"got {at!r}")
