@@ -106,6 +106,12 @@ def test_hybrid_is_deterministic_and_reloads(syn, tmp_path):
     m.save(tmp_path / "model")
     m2 = hs.load_method(tmp_path / "model")
     train, test, fm, genes, _ = syn
+    # held-out spots (outside every measured footprint) are predicted as whole spots by the
+    # crop model; points inside measured spots come from the 8 um map (super-resolution)
+    from histosr.methods.base import WHOLE_SPOT_LAYER
+
+    assert WHOLE_SPOT_LAYER in m.predict(train, fm, at=test.xy).layers
+    assert WHOLE_SPOT_LAYER not in m.predict(train, fm, at=train.xy + 4.0).layers
     np.testing.assert_array_equal(np.log1p(columns(m2.predict(train, fm, at=test.xy), genes)), a)
 
 

@@ -44,9 +44,10 @@ Algorithm (all on log1p CP10k of each spot's own library, the scale the protocol
    the spots' library per footprint superpixel: ``expm1(v) x L / 1e4``. The shared
    consistency step then makes every measured footprint sum to its counts.
 5. **Whole spots** (``spot_features="crops"``; the default ``"auto"`` picks it when the
-   FeatureMaps' encoder is a registered one, else ``"footprint"``): points that are not measured
-   spots, i.e. an (n, 2) array of px (P1's held-out spots, densified lattices) or the spots
-   of a section with nothing measured (P3's image-only views), are predicted as whole
+   FeatureMaps' encoder is a registered one, else ``"footprint"``): points outside every
+   measured footprint, i.e. an (n, 2) array of px whose disks share no superpixel with a
+   measured spot (P1's held-out spots, densified lattices between spots) or the spots of a
+   section with nothing measured (P3's image-only views), are predicted as whole
    spots by a spot-level image model: the ``ridge`` method's own pipeline
    (:class:`~histosr.methods.ridge.Ridge`: crops of 1 and 3 spot diameters read with the
    FeatureMaps' encoder, z-scored within each section, PCA, penalty by
@@ -394,19 +395,37 @@ class Hybrid(SuperpixelMethod):
     def predict(self, section, features=None, at=None, consistency=None, diameter_um=None,
                 max_bytes=None, calibrate=None, post=None):
         """As :meth:`SuperpixelMethod.predict`; with the crop model (``spot_model_``), points
-        that are not measured spots (an (n, 2) array of px, or the spots of a section with
-        nothing measured) are predicted as whole spots by the spot-level model (module
-        docstring, step 5): counts per footprint, no post-steps (they act on 8 um maps)."""
+        outside every measured footprint (an (n, 2) array of px whose disks share no
+        superpixel with a measured spot, or the spots of a section with nothing measured)
+        are predicted as whole spots by the spot-level model (module docstring, step 5):
+        counts per footprint, no post-steps (they act on 8 um maps). Points inside measured
+        spots (super-resolution, e.g. P2's native spots) come from the 8 um map."""
         self.check_fitted()
         whole = at is None or (isinstance(at, str) and at == "superpixels")
         spots = isinstance(at, str) and at == "spots"
-        if self.spot_model_ != "crops" or whole or (spots and section.counts.n_vars > 0):
+        if (self.spot_model_ != "crops" or whole or (spots and section.counts.n_vars > 0)
+                or (not spots and self._inside_measured(section, features, at, diameter_um))):
             return super().predict(section, features, at, consistency, diameter_um,
                                    max_bytes, calibrate, post)
         if not spots and isinstance(at, str):
             raise InputError(f"at must be 'superpixels', 'spots' or an (n, 2) array of px, "
                              f"got {at!r}")
         return self._predict_crops(section, features, at, diameter_um)
+
+    def _inside_measured(self, section, features, at, diameter_um) -> bool:
+        """Whether any disk at the points ``at`` (px) shares a superpixel with a measured
+        spot's footprint: then they are super-resolution targets inside measured spots (P2's
+        native spots in pooled pseudo-spots), predicted from the 8 um map and its
+        post-steps, not as whole spots."""
+        from ..geometry import footprint_matrix
+
+        if section.counts.n_vars == 0 or features is None or isinstance(at, str):
+            return False
+        xy = np.asarray(at, dtype=np.float64).reshape(-1, 2)
+        d = diameter_um or section.spot_diameter_um
+        asked = np.unique(footprint_matrix(features.grid, [p[None] for p in xy], d).indices)
+        measured = np.unique(section_footprints(section, features.grid).indices)
+        return bool(np.intersect1d(asked, measured, assume_unique=True).size)
 
     def _predict_crops(self, section, features, at, diameter_um):
         import anndata as ad
