@@ -31,7 +31,7 @@ Algorithm (all on log1p CP10k of each spot's own library, the scale the protocol
    over ``n`` spots; with no signal ``n rho^2`` is chi2(1), so a gene gets image weight
    only where that share is significant at ~5 %): on her2st P1 only about half of the
    top 50 genes pass that test on ~150 spots although the image lowers the held-out error
-   of most of them, so it keeps too little of the image (top50 0.393 vs 0.422 pooled).
+   of most of them, so it keeps too little of the image (top50 0.393 vs 0.421 pooled).
    Where the image does not help a gene, ``w`` is 0 and the method returns the spatial
    field. The same folds give each gene's self-validation: out-of-fold Pearson r of the
    field alone (``var["heldout_pcc_interpolation"]`` of its predictions) and of the hybrid
