@@ -123,6 +123,20 @@ def spot_table(section, fm, genes: list[str]) -> dict:
     return out
 
 
+def crop_encoder_of(fm) -> str:
+    """The encoder name that reads spot crops like the FeatureMap ``fm`` was encoded: its
+    registry name, with the handcrafted feature groups it used (``handcrafted:v2`` maps
+    carry the name ``handcrafted`` and their groups in ``meta["encoder_params"]``). A
+    slide-trained ``ssl`` map gives ``"ssl"``: the crops' network is then trained on each
+    section's own image (as ``ridge --encoder ssl`` in P1), not the map's shared one."""
+    name = str(fm.encoder)
+    groups = (fm.meta.get("encoder_params") or {}).get("groups") if isinstance(
+        fm.meta, dict) else None
+    if name == "handcrafted" and isinstance(groups, (list, tuple)) and groups:
+        return "handcrafted:" + ",".join(str(g) for g in groups)
+    return name
+
+
 @register_method("hybrid")
 @dataclass
 class Hybrid(SuperpixelMethod):
@@ -164,7 +178,7 @@ class Hybrid(SuperpixelMethod):
 
         # the spot-level image model reads crops with the FeatureMaps' encoder ("ssl"
         # trained once: the maps carry "ssl:<weights>")
-        self.crop_encoder_ = str(features[0].encoder)
+        self.crop_encoder_ = crop_encoder_of(features[0])
         try:
             ENCODERS.key(self.crop_encoder_)
             known = True
