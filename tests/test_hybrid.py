@@ -32,6 +32,8 @@ def syn():
 def _field_only(m):
     """The fitted hybrid without its image part: the spatial field of the spots."""
     m.image_weight_[:] = 0
+    if m.spot_model_ == "crops":
+        m.crop_weight_[:] = 0
     m.spots_ = {}  # the stored fields hold Y - w x image: rebuilt from the spots at w = 0
 
 
@@ -68,10 +70,31 @@ def test_hybrid_returns_the_field_when_the_image_carries_nothing(syn):
     *_, fm, genes, _ = syn
     noise = FeatureMap(np.random.default_rng(0).standard_normal(
         np.asarray(fm.features).shape).astype(np.float32), fm.mask, fm.grid, "noise", {})
-    pred, m = _held_out(hs.get_method("hybrid", progress=False), syn, fm=noise)
+    # the 8 um features are noise; the spot model reads the same noise map (footprint)
+    pred, m = _held_out(hs.get_method("hybrid", progress=False, spot_features="footprint"),
+                        syn, fm=noise)
     _field_only(m)
     train, test = syn[0], syn[1]
     field = np.log1p(columns(m.predict(train, noise, at=test.xy), genes))
+    assert np.abs(pred - field).max() < 0.1
+    assert hs.metrics.pcc_per_gene(pred, field).min() > 0.99
+
+
+def test_hybrid_crops_return_the_field_when_the_image_is_noise(syn):
+    """Spot crops (the default) read the section's image: an image of pure noise gives
+    the spatial field at held-out spots."""
+    import dataclasses
+
+    train, test, _, genes, _ = syn
+    from histosr.image import ArrayImage
+
+    noisy = dataclasses.replace(train, name="noise_train", image=ArrayImage(
+        np.random.default_rng(1).integers(0, 256, train.image.shape).astype(np.uint8)))
+    fm = hs.features(noisy, progress=False)
+    m = hs.get_method("hybrid", progress=False).fit([noisy], [fm], genes=genes)
+    pred = np.log1p(columns(m.predict(noisy, fm, at=test.xy), genes))
+    _field_only(m)
+    field = np.log1p(columns(m.predict(noisy, fm, at=test.xy), genes))
     assert np.abs(pred - field).max() < 0.1
     assert hs.metrics.pcc_per_gene(pred, field).min() > 0.99
 
@@ -83,6 +106,12 @@ def test_hybrid_is_deterministic_and_reloads(syn, tmp_path):
     m.save(tmp_path / "model")
     m2 = hs.load_method(tmp_path / "model")
     train, test, fm, genes, _ = syn
+    # held-out spots (outside every measured footprint) are predicted as whole spots by the
+    # crop model; points inside measured spots come from the 8 um map (super-resolution)
+    from histosr.methods.base import WHOLE_SPOT_LAYER
+
+    assert WHOLE_SPOT_LAYER in m.predict(train, fm, at=test.xy).layers
+    assert WHOLE_SPOT_LAYER not in m.predict(train, fm, at=train.xy + 4.0).layers
     np.testing.assert_array_equal(np.log1p(columns(m2.predict(train, fm, at=test.xy), genes)), a)
 
 

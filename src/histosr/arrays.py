@@ -38,13 +38,14 @@ def gene_values(adata, gene: str, dtype=np.float64) -> np.ndarray:
     return dense(adata.X[:, j], dtype).reshape(-1)
 
 
-def columns(adata, genes, dtype=np.float64) -> np.ndarray:
-    """(n_obs, len(genes)) dense values of ``genes`` in the order given."""
+def columns(adata, genes, dtype=np.float64, layer: str | None = None) -> np.ndarray:
+    """(n_obs, len(genes)) dense values of ``genes`` in the order given (of ``layer``, else
+    of X)."""
     idx = adata.var_names.get_indexer(list(genes))
     if (idx < 0).any():
         missing = [g for g, i in zip(genes, idx) if i < 0][:5]
         raise KeyError(f"genes not in the AnnData: {missing}")
-    return dense(adata.X[:, idx], dtype)
+    return dense((adata.X if layer is None else adata.layers[layer])[:, idx], dtype)
 
 
 __all__ = ["dense", "row_sums", "gene_values", "columns"]

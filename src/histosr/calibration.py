@@ -68,6 +68,63 @@ def detail_weights(E: np.ndarray, D: np.ndarray, shrink: float = SHRINK) -> np.n
     return (evidence * ((1 - shrink) * raw + shrink * raw.mean())).astype(np.float32)
 
 
+def _pooled_mean(b: np.ndarray, se2: np.ndarray) -> float:
+    return float(np.average(b, weights=1.0 / se2))
+
+
+def _ls_weights(E: np.ndarray, D: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per column: least-squares weight through the origin, its squared standard error and
+    whether it is defined."""
+    num, den = (E * D).sum(axis=0), (D**2).sum(axis=0)
+    res_ok = den > 1e-12
+    b = np.divide(num, den, out=np.zeros_like(num), where=res_ok)
+    res = ((E - b * D) ** 2).sum(axis=0) / max(len(E) - 1, 1)
+    se2 = np.divide(res, den, out=np.full_like(num, np.inf), where=res_ok)
+    return b, se2, res_ok & np.isfinite(se2) & (se2 > 0)
+
+
+def pooled_weights(E: np.ndarray, D: np.ndarray, folds: np.ndarray | None = None
+                   ) -> np.ndarray:
+    """Per column (gene), the weight in [0, 1] of ``D`` in predicting ``E`` at ``n`` spots
+    (rows), by empirical Bayes across genes: each gene's least-squares weight ``b`` (through
+    the origin, standard error ``se``) is pulled toward the precision-weighted mean ``m``
+    over genes by ``se^2 / (se^2 + tau^2)``, ``tau^2`` = the spread of the true weights
+    between genes (variance of ``b`` minus the mean ``se^2``, at least 0), then clipped.
+    Genes borrow strength from each other: a gene whose own evidence is weak gets about
+    the weight the image earns on all genes, and a gene with strong evidence keeps its own.
+    ``folds`` (the CV fold of each row): ``m`` is multiplied by
+    ``max(0, 1 - q / z^2)``, ``z`` = the mean over folds of each fold's own ``m`` over its
+    standard error across folds, ``q`` = the 95 % quantile of F(1, folds - 1): genes share
+    their spots, and spatially blocked folds are the independent replicates, so this is
+    what says whether the image earns anything at all (with no image signal, ``m`` and
+    ``tau^2`` are ~0 and so is every weight).
+    Why not a per-gene significance test: on her2st P1 the image lowers the held-out error
+    of most genes while only about half of them pass a 5 % test on ~150 spots, so a
+    test-based factor removes most of what the image adds (top50 0.393 vs 0.421 here)."""
+    from scipy.stats import f as f_dist
+
+    E, D = np.asarray(E, np.float64), np.asarray(D, np.float64)
+    b, se2, good = _ls_weights(E, D)
+    if not good.any():
+        return np.zeros(E.shape[1], dtype=np.float32)
+    m = _pooled_mean(b[good], se2[good])
+    if folds is not None:
+        folds = np.asarray(folds)
+        per = []
+        for k in np.unique(folds):
+            bk, sk, gk = _ls_weights(E[folds == k], D[folds == k])
+            if gk.any():
+                per.append(_pooled_mean(bk[gk], sk[gk]))
+        if len(per) >= 2:
+            K = len(per)
+            se_m2 = float(np.var(per, ddof=1)) / K
+            z2 = float(np.mean(per)) ** 2 / max(se_m2, 1e-300)
+            m *= float(np.clip(1 - f_dist.ppf(0.95, 1, K - 1) / max(z2, 1e-12), 0, 1))
+    tau2 = max(float(np.var(b[good]) - np.mean(se2[good])), 0.0)
+    w = np.where(good, m + (b - m) * tau2 / (tau2 + np.where(good, se2, 1.0)), 0.0)
+    return np.clip(w, 0, 1).astype(np.float32)
+
+
 def _spot_log_cp10k(sums: np.ndarray, phi: float) -> np.ndarray:
     """log1p CP10k of predicted footprint sums with the library the prediction implies
     (sum over the fitted genes / their share ``phi`` of the measured counts)."""

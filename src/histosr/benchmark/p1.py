@@ -15,6 +15,9 @@ section's own spots"); it predicts the held-out spot centres and only those are 
   genes of the predicted counts / phi, phi = the share of the scored genes in the measured
   counts of the training spots (known to the method). ``library="measured"`` divides by
   the held-out spot's measured library instead (hands the method the truth's library).
+  A superpixel method that predicts the held-out points as whole spots on the log1p CP10k
+  scale (its prediction has the layer ``WHOLE_SPOT_LAYER``, e.g. ``hybrid``) is scored on
+  that layer, as the spot methods are.
 
 Scores per section: ``top50_pcc`` (mean per-gene Pearson r over the held-out spots),
 ``top50_pcc_median``, ``hvg1000_pcc``, ``mae`` (log1p scale, top50 genes). Methods that
@@ -34,7 +37,7 @@ import numpy as np
 from .. import metrics
 from ..arrays import columns
 from ..errors import InputError
-from ..methods.base import SPOT
+from ..methods.base import SPOT, WHOLE_SPOT_LAYER
 from ..pp import select_genes
 from .common import (
     Timer,
@@ -83,9 +86,11 @@ def subset(section, ids: list[str], suffix: str = "_train"):
 
 def predict_held_out(method, train_sec, held_xy: np.ndarray, genes: list[str], encoder: str,
                      cache_dir, progress: bool, diameter_um: float,
-                     library: str = "predicted") -> np.ndarray:
+                     library: str = "predicted",
+                     measured_library: np.ndarray | None = None) -> np.ndarray:
     """Fit ``method`` on ``train_sec`` and return log1p CP10k predictions (held-out x genes,
-    in ``genes`` order)."""
+    in ``genes`` order); ``library="measured"`` uses ``measured_library`` (the held-out
+    spots' measured totals) for a superpixel method's counts."""
     if method.kind == SPOT:
         if cache_dir is not None and method.cache_dir is None:
             method.cache_dir = str(cache_dir)
@@ -95,6 +100,8 @@ def predict_held_out(method, train_sec, held_xy: np.ndarray, genes: list[str], e
     fm = section_features(train_sec, method, encoder, cache_dir, progress)
     method.fit([train_sec], [fm], genes=genes)
     pred = method.predict(train_sec, fm, at=held_xy, diameter_um=diameter_um)
+    if WHOLE_SPOT_LAYER in pred.layers:  # predicted as whole spots (log1p CP10k): as spots
+        return columns(pred, genes, layer=WHOLE_SPOT_LAYER)
     C = np.clip(columns(pred, genes), 0, None)
     if library == "predicted":
         tot = float(np.asarray(train_sec.counts.X.sum()))
@@ -102,8 +109,8 @@ def predict_held_out(method, train_sec, held_xy: np.ndarray, genes: list[str], e
         phi = sel / tot if tot > 0 else 1.0
         lib = C.sum(axis=1) / max(phi, 1e-12)
     else:
-        lib = None  # filled by the caller with the measured library
-    return C if lib is None else metrics.log_cp10k(C, lib)
+        lib = measured_library
+    return metrics.log_cp10k(C, lib)
 
 
 def score_held_out(pred: np.ndarray, truth: np.ndarray, n_top: int = 50) -> dict:
@@ -152,12 +159,10 @@ def run_section(native, make_method, encoder: str, cache_dir: Path | None,
     method = make_method()
     log(progress, f"{native.name}: fit {method.name} on {train_sec.n_spots} spots, predict "
                   f"{test.n_spots} held-out spots, {len(genes)} genes")
-    pred = predict_held_out(method, train_sec, test.xy, genes, encoder, cache_dir, progress,
-                            native.spot_diameter_um, library)
     lib = np.asarray(test.counts.X.sum(axis=1), dtype=np.float64).ravel()
+    pred = predict_held_out(method, train_sec, test.xy, genes, encoder, cache_dir, progress,
+                            native.spot_diameter_um, library, lib)
     truth = metrics.log_cp10k(test.dense_counts(genes), lib)
-    if method.kind != SPOT and library == "measured":
-        pred = metrics.log_cp10k(pred, lib)
     scores = score_held_out(pred, truth)
     scores.update(self_validation(method, pred, truth, genes))
     scores.update({"n_spots": int(test.n_spots), "n_train_spots": int(train_sec.n_spots),

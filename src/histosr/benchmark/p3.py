@@ -95,8 +95,9 @@ def run_fold(test, train, method, data=None, n_genes: int = 1000, progress: bool
     Self-contained (a Dask task). A superpixel method (``image_only``, e.g. ``hybrid``) gets
     ``encoder`` FeatureMaps of every section and predicts sums over the held-out spots'
     disks, put on the log1p CP10k scale with the library its prediction implies (as
-    P1/P2)."""
-    from ..methods.base import SPOT
+    P1/P2), or, when it predicts them as whole spots (the layer ``WHOLE_SPOT_LAYER``), that
+    log1p CP10k, as the spot methods."""
+    from ..methods.base import SPOT, WHOLE_SPOT_LAYER
     from ..stain import normalize_section
     from .common import section_features, thin
 
@@ -118,12 +119,15 @@ def run_fold(test, train, method, data=None, n_genes: int = 1000, progress: bool
         fms = [section_features(s, m, encoder, cache_dir, progress) for s in train_secs]
         m.fit(train_secs, fms, genes=genes)
         fm = section_features(view, m, encoder, cache_dir, progress)
-        C = np.clip(columns(m.predict(view, fm, at="spots", consistency=False,
-                                      calibrate=False), genes), 0, None)
-        tot = sum(float(np.asarray(s.counts.X.sum())) for s in train_secs)
-        sel = sum(float(np.asarray(s.counts[:, genes].X.sum())) for s in train_secs)
-        phi = sel / tot if tot > 0 else 1.0
-        X = metrics.log_cp10k(C, C.sum(axis=1) / max(phi, 1e-12))
+        pred = m.predict(view, fm, at="spots", consistency=False, calibrate=False)
+        if WHOLE_SPOT_LAYER in pred.layers:  # predicted as whole spots: scored as spots
+            X = columns(pred, genes, layer=WHOLE_SPOT_LAYER)
+        else:
+            C = np.clip(columns(pred, genes), 0, None)
+            tot = sum(float(np.asarray(s.counts.X.sum())) for s in train_secs)
+            sel = sum(float(np.asarray(s.counts[:, genes].X.sum())) for s in train_secs)
+            phi = sel / tot if tot > 0 else 1.0
+            X = metrics.log_cp10k(C, C.sum(axis=1) / max(phi, 1e-12))
     scores = score_section(X, test_sec, genes)
     scores["seconds"] = round(t.elapsed, 1)
     info = getattr(m, "fit_info_", None)

@@ -46,6 +46,9 @@ SUPERPIXEL, SPOT = "superpixel", "spot"
 KINDS = (SUPERPIXEL, SPOT)
 #: what X holds in a method's predictions, per kind
 SCALES = {SUPERPIXEL: "counts per 8 um superpixel", SPOT: "log1p_cp10k"}
+#: layer of a superpixel method's prediction at points that it predicted as whole spots on
+#: the log1p CP10k scale (e.g. ``hybrid``): the protocols score it as they score spot methods
+WHOLE_SPOT_LAYER = "log1p_cp10k"
 #: default genes fitted when none are given: the HEST rule's top N (histosr.pp.select_genes)
 DEFAULT_N_GENES = 1000
 
@@ -549,4 +552,5 @@ def superpixel_anndata(vals: np.ndarray, rows: np.ndarray, cols: np.ndarray, gri
 __all__ = ["Method", "SuperpixelMethod", "register_method", "get_method", "available_methods",
            "method_class", "load_method", "superpixel_anndata", "disk_cells", "fit_genes",
            "NotFittedError", "PredictionTooLargeError", "SUPERPIXEL", "SPOT", "KINDS",
+           "WHOLE_SPOT_LAYER",
            "REGISTRY"]

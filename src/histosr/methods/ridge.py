@@ -56,11 +56,14 @@ class ImageSpotMethod(SpotMethod):
     standardize: str = "section"
     n_pcs: int = 256
 
-    def _features(self, section, xy: np.ndarray) -> np.ndarray:
-        f = spot_image_features(section, xy, self.encoder, tuple(self.scales), self.cache_dir)
-        if self.standardize == "section":
-            return zscore(f)[0]
-        return f
+    def _raw_features(self, section, xy: np.ndarray) -> np.ndarray:
+        """Crop features at full-res (x, y) px points, before any standardisation."""
+        return spot_image_features(section, xy, self.encoder, tuple(self.scales),
+                                   self.cache_dir)
+
+    def _standardized(self, raw: np.ndarray) -> np.ndarray:
+        """One section's points: z-scored over themselves (``"section"``) or as is."""
+        return zscore(raw)[0] if self.standardize == "section" else raw
 
     def _fit_features(self, sections) -> list[np.ndarray]:
         from ..features.ssl import shared_encoder
@@ -68,8 +71,13 @@ class ImageSpotMethod(SpotMethod):
         # a slide-trained encoder ("ssl"): one network trained on the training sections'
         # images, kept (as "ssl:<weights>") so that predicted sections share its features
         self.encoder = shared_encoder(self.encoder, sections, self.cache_dir, False)[0]
-        feats = [self._features(s, s.xy) for s in sections]
         self.train_diameter_um_ = float(np.median([s.spot_diameter_um for s in sections]))
+        return self.fit_projection([self._raw_features(s, s.xy) for s in sections])
+
+    def fit_projection(self, raws: list[np.ndarray]) -> list[np.ndarray]:
+        """Fit the standardisation and PCA on raw crop features (one array per training
+        section, rows = its spots) and return each section's projection."""
+        feats = [self._standardized(f) for f in raws]
         allf = np.concatenate(feats)
         if self.standardize == "global":
             _, self.fmean_, self.fstd_ = zscore(allf)
@@ -89,11 +97,16 @@ class ImageSpotMethod(SpotMethod):
         out -= self.pca_mean_[None] @ self.pca_components_.T
         return out.astype(np.float64)
 
-    def _transform(self, section, xy) -> np.ndarray:
-        f = self._features(section, xy)
+    def transform_raw(self, raw: np.ndarray) -> np.ndarray:
+        """Projection of raw crop features of points of ONE section (standardised over
+        these points with ``"section"``: predict a section's points at once)."""
+        f = self._standardized(raw)
         if self.standardize == "global":
             f = zscore(f, self.fmean_, self.fstd_)[0]
         return self._project(f)
+
+    def _transform(self, section, xy) -> np.ndarray:
+        return self.transform_raw(self._raw_features(section, xy))
 
 
 def _ridge_svd(X: np.ndarray, Y: np.ndarray):
@@ -153,7 +166,17 @@ class Ridge(ImageSpotMethod):
     alpha: float | None = None
 
     def _fit_spots(self, sections, targets) -> None:
-        Xs = self._fit_features(sections)
+        self._fit_projected(self._fit_features(sections), targets)
+
+    def fit_raw(self, raws: list[np.ndarray], targets: list[np.ndarray]) -> Ridge:
+        """Fit on raw crop features already computed (one array per training section, e.g.
+        :meth:`_raw_features` of a subset of its spots) and their log1p CP10k targets: the
+        same standardisation, PCA and penalty choice as :meth:`fit`, without reading crops
+        (the ``hybrid`` method refits it on its cross-validation folds this way)."""
+        self._fit_projected(self.fit_projection(raws), targets)
+        return self
+
+    def _fit_projected(self, Xs, targets) -> None:
         Ys = [np.asarray(t, dtype=np.float64) for t in targets]
         alpha = float(self.alpha) if self.alpha is not None else choose_alpha(Xs, Ys)
         X, Y = np.concatenate(Xs), np.concatenate(Ys)
@@ -162,9 +185,13 @@ class Ridge(ImageSpotMethod):
         self.xmean_, self.intercept_, self.alpha_ = xm, ym, alpha
         self.fit_info_ = {"alpha": alpha, "n_pcs": int(self.pca_components_.shape[0])}
 
-    def _predict_spots(self, section, xy):
-        X = self._transform(section, xy)
+    def predict_raw(self, raw: np.ndarray) -> np.ndarray:
+        """log1p CP10k from raw crop features of points of one section (rows x genes)."""
+        X = self.transform_raw(raw)
         return ((X - self.xmean_) @ self.coef_ + self.intercept_).astype(np.float32)
+
+    def _predict_spots(self, section, xy):
+        return self.predict_raw(self._raw_features(section, xy))
 
 
 @register_method("knn_features")
