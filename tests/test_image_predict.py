@@ -3,6 +3,7 @@ predict a slide given as an image file alone (no expression input)."""
 
 import anndata as ad
 import numpy as np
+import pytest
 from PIL import Image
 
 from _hespotex_data import synthetic
@@ -130,3 +131,90 @@ def test_predict_image_applies_the_models_stain_target(tmp_path, capsys):
     assert main(["predict", "--model", str(model), "--image", "x.png", "--um-per-px", "0.5",
                  "--stain-ref", str(tmp_path / "nope.png"), "--out", str(tmp_path)]) == 2
     assert "stain reference" in capsys.readouterr().err
+
+
+def _small_image() -> np.ndarray:
+    """240 x 240 px of the synthetic slide 3 at its tissue's edge (0.5 um/px: 15 x 15
+    superpixels of 8 um, ~150 of them tissue)."""
+    return synthetic(3).image.read(0, 400, 240, 240)
+
+
+def _small_superpixel_section():
+    return section_from_image(_small_image(), 0.5, grid="superpixels", name="small")
+
+
+@pytest.mark.parametrize("name", ["ridge", "knn_features"])
+def test_streamed_superpixel_prediction_equals_in_memory(tmp_path, monkeypatch, name):
+    """predict --image --grid superpixels streams: crop features of every point first
+    (on disk, with the section-wide z-score statistics), then a block of points at a time
+    into a chunked h5ad; with blocks of 37 points it equals the in-memory prediction of
+    all points at once (and differs from z-scoring each block by itself)."""
+    import h5py
+
+    from histosr import outputs
+    from histosr.methods import get_method
+
+    a = synthetic(0)
+    genes = list(a.counts.var_names[:12])
+    m = get_method(name).fit([a], genes=genes)
+    sec = _small_superpixel_section()
+    n = sec.counts.n_obs
+    assert n > 100
+    ref = m.predict(sec)
+    monkeypatch.setattr(outputs, "BAND_BYTES", m.point_bytes() * 37)
+    assert outputs.band_points(m.point_bytes()) == 37  # several blocks, the last partial
+    keep = [genes[3], genes[0]]
+    sp = outputs.stream_spot_prediction(m, sec, tmp_path / "prediction.h5ad", {"grid": "x"},
+                                        keep=keep, progress=False)
+    assert sp.n_obs == n and not (tmp_path / "prediction.h5ad.scratch").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prediction.h5ad"]
+    got = ad.read_h5ad(tmp_path / "prediction.h5ad")
+    np.testing.assert_allclose(got.X, ref.X, rtol=1e-5, atol=1e-6)
+    assert list(got.obs_names) == list(ref.obs_names) == list(sec.counts.obs_names)
+    assert list(got.var_names) == genes
+    np.testing.assert_array_equal(got.obsm["spatial"], sec.xy)
+    np.testing.assert_array_equal(got.obs["row"], sec.counts.obs["row"])
+    np.testing.assert_array_equal(got.obs["col"], sec.counts.obs["col"])
+    info = got.uns["histosr"]
+    assert info["scale"] == "log1p_cp10k" and info["method"] == name and info["grid"] == "x"
+    assert list(info["grid_shape"]) == [15, 15] and "small" in got.uns["spatial"]
+    np.testing.assert_allclose(got.var[outputs.PRED_MEAN], ref.X.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(got.var[outputs.PRED_MAX], ref.X.max(axis=0), rtol=1e-5)
+    # the kept preview genes, in the stream's order of points
+    np.testing.assert_allclose(sp.kept.X, ref[:, keep].X, rtol=1e-5, atol=1e-6)
+    with h5py.File(tmp_path / "prediction.h5ad") as f:
+        assert f["X"].chunks is not None  # a chunked on-disk X, not one block
+    backed = ad.read_h5ad(tmp_path / "prediction.h5ad", backed="r")
+    np.testing.assert_allclose(np.asarray(backed[:5, genes[2]].X).ravel(),
+                               ref.X[:5, 2], rtol=1e-5, atol=1e-6)
+    backed.file.close()
+    # z-scoring each block over itself (not the section) would give another prediction
+    naive = np.concatenate([m.predict(sec, at=sec.xy[i : i + 37]).X for i in range(0, n, 37)])
+    assert not np.allclose(naive, ref.X, rtol=1e-3, atol=1e-3)
+
+
+def test_predict_image_superpixels_hespotex_size_guard(tmp_path, monkeypatch, capsys):
+    """hespotex (a graph over neighbouring points) predicts in memory: predict --image
+    --grid superpixels checks the size first and says what to do when it would not fit;
+    under the limit it predicts."""
+    from histosr.methods import base, get_method
+
+    a = synthetic(0)
+    m = get_method("hespotex", gate_epochs=2, epochs=1, gate_hidden=16, head_hidden=16,
+                   latent_dim=4, nuclei=False, progress=False, target="log1p_cp10k")
+    m.fit([a], genes=list(a.counts.var_names[:8]))
+    m.save(tmp_path / "model")
+    small = tmp_path / "small.png"
+    Image.fromarray(_small_image()).save(small)
+    cmd = ["--quiet", "predict", "--model", str(tmp_path / "model"), "--image", str(small),
+           "--um-per-px", "0.5", "--grid", "superpixels"]
+    monkeypatch.setattr(base, "memory_budget", lambda: 1000.0)
+    assert main(cmd + ["--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err
+    assert "superpixels x 8 genes in memory" in err and "hespotex predicts all" in err
+    assert "--grid spots" in err and "--n-genes" in err
+    assert not (tmp_path / "no" / "prediction.h5ad").exists()
+    monkeypatch.setattr(base, "memory_budget", lambda: 2.0**40)
+    assert main(cmd + ["--out", str(tmp_path / "yes")]) == 0
+    pred = ad.read_h5ad(tmp_path / "yes" / "prediction.h5ad")
+    assert pred.n_vars == 8 and {"row", "col"} <= set(pred.obs)

@@ -279,10 +279,13 @@ def _warn_unfitted(method, wanted: list[str]) -> list[str]:
 
 def _predict_image(args, method) -> int:
     """H&E-only prediction: a section built from ``--image`` alone (tissue mask, then a hex
-    spot lattice or the 8 um superpixels), predicted by a saved image-only model."""
+    spot lattice or the 8 um superpixels), predicted by a saved image-only model. At
+    superpixels a blockwise model streams to disk (:func:`histosr.outputs.
+    stream_spot_prediction`); any other prediction is held in memory, after a size check."""
     from .image import open_image
     from .image_only import section_from_image
-    from .outputs import write_h5ad
+    from .methods.base import check_prediction_size
+    from .outputs import stream_spot_prediction, write_h5ad
     from .pl import previews
     from .slide import slide_um_per_px
 
@@ -299,27 +302,42 @@ def _predict_image(args, method) -> int:
     section = section_from_image(image, um_per_px, grid=grid,
                                  spot_diameter_um=diameter, pitch_um=args.pitch_um or 100.0,
                                  name=Path(args.image).stem)
+    info = {"image": str(args.image), "um_per_px": float(um_per_px), "grid": grid,
+            "spot_diameter_um": float(diameter)}
+    if grid == "superpixels":  # drawn as an 8 um map by pl.gene_map
+        info["grid_shape"] = list(section.meta["grid_shape"])
+    else:
+        info["pitch_um"] = float(args.pitch_um or 100.0)
+    stream = grid == "superpixels" and method.blockwise
+    if not stream:  # before any crop is read: would it fit?
+        fewer = "a model fitted on fewer genes (fit --n-genes N)"
+        check_prediction_size(
+            section.counts.n_obs, len(method.genes_), method.predict_copies, grid,
+            f"{method.name} predicts all its points at once, in memory; use --grid spots "
+            f"(a hex spot lattice, --pitch-um P) or {fewer} (ridge, knn_features and mean "
+            "stream --grid superpixels to disk)" if grid == "superpixels" else
+            f"use a larger --pitch-um or {fewer}")
     from .stain import normalize_section
 
     # the tissue mask is found on the raw pixels; every crop the model reads is normalised
     section = normalize_section(section, *_predict_stain(args, method), seed=0)
-    pred = method.predict(section)
-    info = dict(pred.uns["histosr"])
-    info.update({"image": str(args.image), "um_per_px": float(um_per_px), "grid": grid,
-                 "spot_diameter_um": float(diameter)})
-    if grid == "superpixels":  # drawn as an 8 um map by pl.gene_map
-        pred.obs["row"] = section.counts.obs["row"].to_numpy()
-        pred.obs["col"] = section.counts.obs["col"].to_numpy()
-        info["grid_shape"] = list(section.meta["grid_shape"])
-    else:
-        info["pitch_um"] = float(args.pitch_um or 100.0)
-    pred.uns["histosr"] = info
     out = Path(args.out)
-    p = write_h5ad(pred, out / "prediction.h5ad", section=section)  # + scanpy uns["spatial"]
     show = _warn_unfitted(method, _genes_arg(args))
+    if stream:  # written block by block: the superpixels x genes never sit in memory
+        sp = stream_spot_prediction(method, section, out / "prediction.h5ad", info,
+                                    keep=show, progress=not args.quiet)
+        p, pred, n_obs, n_vars = sp.h5ad, sp.kept, sp.n_obs, len(sp.var)
+    else:
+        pred = method.predict(section)
+        pred.uns["histosr"] = {**pred.uns["histosr"], **info}
+        if grid == "superpixels":
+            pred.obs["row"] = section.counts.obs["row"].to_numpy()
+            pred.obs["col"] = section.counts.obs["col"].to_numpy()
+        p = write_h5ad(pred, out / "prediction.h5ad", section=section)  # + uns["spatial"]
+        n_obs, n_vars = pred.n_obs, pred.n_vars
     if show:
         previews(pred, show, out / "previews", section=section)
-    print(f"prediction: {p} ({pred.n_obs} {grid}, {pred.n_vars} genes)")
+    print(f"prediction: {p} ({n_obs} {grid}, {n_vars} genes)")
     return 0
 
 

@@ -27,6 +27,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from .errors import InputError
 from .features.featuremap import create_zarr_array
 from .methods.base import superpixel_anndata
 
@@ -118,11 +119,18 @@ MAP_ROWS = 32
 BAND_BYTES = 64 * 2**20
 
 
+def band_points(point_bytes: int) -> int:
+    """Observations per streamed block when each takes ``point_bytes`` bytes (e.g. 4 x genes
+    of float32): as many as fit in :data:`BAND_BYTES`, at least one."""
+    return int(max(1, BAND_BYTES // max(1, int(point_bytes))))
+
+
 def band_rows(width_sp: int, n_genes: int) -> int:
     """Superpixel rows per streamed band: :data:`MAP_ROWS`, fewer where a band of the slide's
     width would exceed :data:`BAND_BYTES` (at least one row)."""
-    fit = BAND_BYTES // max(1, int(width_sp) * int(n_genes) * 4)
-    return int(min(MAP_ROWS, max(1, fit)))
+    return int(min(MAP_ROWS, max(1, band_points(4 * int(n_genes)) // max(1, int(width_sp)))))
+
+
 #: observations per chunk of the streamed ``X`` (x up to 64 genes: 1 MB float32 chunks)
 X_CHUNK_ROWS = 4096
 #: ``var`` columns the streamed prediction adds: per-gene statistics over the tissue
@@ -225,20 +233,10 @@ def stream_prediction(method, section, features, h5ad: str | Path | None = None,
     if rel is not None:
         for col in rel.columns:
             v[col] = rel[col].reindex(v.index).to_numpy()
-    keep = [g for g in dict.fromkeys(keep or ()) if g in genes]
-    kidx = np.array([genes.index(g) for g in keep], dtype=np.int64)
-    kept_vals = np.zeros((n, len(keep)), np.float32)
-    kept_r, kept_c = np.zeros(n, np.int32), np.zeros(n, np.int32)
     mgenes = list(maps_genes or genes)
     midx = np.array([genes.index(g) for g in mgenes], dtype=np.int64)
-    total, top = np.zeros(G), np.zeros(G)
 
-    f = tmp_h5 = tmp_maps = zmaps = None
-    if h5ad is not None:
-        h5ad = Path(h5ad)
-        h5ad.parent.mkdir(parents=True, exist_ok=True)
-        tmp_h5 = h5ad.with_name(h5ad.name + ".tmp.h5ad")
-        f = _h5ad_skeleton(tmp_h5, n, v, uns, grid, section, images)
+    sink = tmp_maps = zmaps = None
     if maps is not None:
         maps = Path(maps)
         tmp_maps = maps.with_name(maps.name + ".tmp")
@@ -249,7 +247,7 @@ def stream_prediction(method, section, features, h5ad: str | Path | None = None,
         zunc = create_zarr_array(root, "uncertainty", (len(mgenes), h, w), chunks, "f4") \
             if with_unc else None
     try:
-        i = 0
+        sink = PredictionSink(h5ad, n, v, uns, grid, section, images, keep)
         for r0 in tqdm(range(0, h, rows), desc="predict", disable=not progress):
             r1 = min(r0 + rows, h)
             rr, cc = np.nonzero(mask[r0:r1])
@@ -263,19 +261,7 @@ def stream_prediction(method, section, features, h5ad: str | Path | None = None,
                                                                 post=post)
                 if with_unc:
                     uband[b : b + CELL_BLOCK] = method.uncertainty_cells(section, features, blk)
-            j = i + len(rr)
-            if len(rr):
-                total += band.sum(axis=0, dtype=np.float64)
-                np.maximum(top, band.max(axis=0), out=top)
-                kept_vals[i:j] = band[:, kidx]
-                kept_r[i:j], kept_c[i:j] = rr, cc
-                if f is not None:
-                    f["X"][i:j] = band
-                    f["obs/row"][i:j] = rr
-                    f["obs/col"][i:j] = cc
-                    f["obs/_index"][i:j] = np.array([f"{a}_{b}" for a, b in zip(rr, cc)],
-                                                    dtype=object)
-                    f["obsm/spatial"][i:j] = grid.xy_of_cells(rr, cc)
+            sink.add(rr, cc, band)
             if zmaps is not None:
                 for g0 in range(0, len(mgenes), 16):
                     gi = midx[g0 : g0 + 16]
@@ -285,17 +271,7 @@ def stream_prediction(method, section, features, h5ad: str | Path | None = None,
                     if with_unc:
                         slab[:, rr - r0, cc] = uband[:, gi].T
                         zunc[g0 : g0 + len(gi), r0:r1, :] = slab
-            i = j
-        v[PRED_MEAN] = (total / max(n, 1)).astype(np.float32)
-        v[PRED_MAX] = top.astype(np.float32)
-        if f is not None:
-            from anndata.io import write_elem
-
-            del f["var"]
-            write_elem(f, "var", v)
-            f.close()
-            f = None
-            os.replace(tmp_h5, h5ad)
+        v, kept = sink.finish()
         if zmaps is not None:
             root.attrs["histosr"] = json.dumps(
                 {"genes": mgenes, "method": method.name, "units": "counts per 8 um superpixel",
@@ -304,13 +280,152 @@ def stream_prediction(method, section, features, h5ad: str | Path | None = None,
             shutil.rmtree(maps, ignore_errors=True)
             tmp_maps.rename(maps)
     finally:
-        if f is not None:
-            f.close()
-    kept = None
-    if keep:
-        kept = KeptMaps(kept_vals, pd.DataFrame({"row": kept_r, "col": kept_c}),
-                        v.loc[keep].copy(), {**uns, "grid_shape": list(grid.shape)}, grid)
-    return StreamedPrediction(h5ad, maps, n, v, kept, bool(use_cons))
+        if sink is not None:
+            sink.close()
+    return StreamedPrediction(sink.h5ad, maps, n, v, kept, bool(use_cons))
+
+
+class PredictionSink:
+    """Receives a streamed prediction block by block, observations in order: fills the
+    h5ad of :func:`_h5ad_skeleton` (optional: ``h5ad=None`` writes no file), the per-gene
+    sum and max over the observations and the ``keep`` genes' columns (in memory). The
+    file appears atomically (temp + rename) at :meth:`finish`; :meth:`close` after a
+    failure removes the temp file. ``uns``: ``uns["histosr"]`` (``grid_shape`` added);
+    ``grid``: the 8 um grid of the observations' ``row``/``col``."""
+
+    def __init__(self, h5ad: str | Path | None, n: int, var: pd.DataFrame, uns: dict, grid,
+                 section=None, images: dict | None = None, keep=()):
+        genes = list(var.index)
+        self.n, self.var, self.uns, self.grid = int(n), var.copy(), uns, grid
+        self.keep = [g for g in dict.fromkeys(keep or ()) if g in genes]
+        self.kidx = np.array([genes.index(g) for g in self.keep], dtype=np.int64)
+        self.kept_vals = np.zeros((self.n, len(self.keep)), np.float32)
+        self.kept_r, self.kept_c = np.zeros(self.n, np.int32), np.zeros(self.n, np.int32)
+        self.total, self.top = np.zeros(len(genes)), np.zeros(len(genes))
+        self.i = 0
+        self.f = self.tmp = None
+        self.h5ad = None if h5ad is None else Path(h5ad)
+        if self.h5ad is not None:
+            self.h5ad.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = self.h5ad.with_name(self.h5ad.name + ".tmp.h5ad")
+            self.f = _h5ad_skeleton(self.tmp, self.n, self.var, uns, grid, section, images)
+
+    def add(self, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, names=None,
+            xy: np.ndarray | None = None) -> None:
+        """The next observations: superpixel ``rows``/``cols``, ``vals`` (n, genes) float32;
+        ``names`` (default ``"row_col"``) and ``xy`` (full-res px, x = column, y = row;
+        default the superpixel centres)."""
+        i, j = self.i, self.i + len(rows)
+        if j > self.n or vals.shape != (len(rows), len(self.var)):
+            raise RuntimeError(f"streamed block {vals.shape} at observation {i} does not fit "
+                               f"{self.n} observations x {len(self.var)} genes")
+        if not len(rows):
+            return
+        self.total += vals.sum(axis=0, dtype=np.float64)
+        np.maximum(self.top, vals.max(axis=0), out=self.top)
+        self.kept_vals[i:j] = vals[:, self.kidx]
+        self.kept_r[i:j], self.kept_c[i:j] = rows, cols
+        if self.f is not None:
+            f = self.f
+            f["X"][i:j] = vals
+            f["obs/row"][i:j] = rows
+            f["obs/col"][i:j] = cols
+            if names is None:
+                names = [f"{a}_{b}" for a, b in zip(rows, cols)]
+            f["obs/_index"][i:j] = np.array([str(a) for a in names], dtype=object)
+            f["obsm/spatial"][i:j] = self.grid.xy_of_cells(rows, cols) if xy is None else xy
+        self.i = j
+
+    def finish(self) -> tuple[pd.DataFrame, KeptMaps | None]:
+        """Add :data:`PRED_MEAN` and :data:`PRED_MAX` to ``var``, write it and move the file
+        into place. Returns (var, the kept genes or None)."""
+        if self.i != self.n:
+            raise RuntimeError(f"streamed {self.i} observations, expected {self.n}")
+        v = self.var
+        v[PRED_MEAN] = (self.total / max(self.n, 1)).astype(np.float32)
+        v[PRED_MAX] = self.top.astype(np.float32)
+        if self.f is not None:
+            from anndata.io import write_elem
+
+            del self.f["var"]
+            write_elem(self.f, "var", v)
+            self.f.close()
+            self.f = None
+            os.replace(self.tmp, self.h5ad)
+            self.tmp = None
+        kept = None
+        if self.keep:
+            kept = KeptMaps(self.kept_vals, pd.DataFrame({"row": self.kept_r,
+                                                          "col": self.kept_c}),
+                            v.loc[self.keep].copy(),
+                            {**self.uns, "grid_shape": list(self.grid.shape)}, self.grid)
+        return v, kept
+
+    def close(self) -> None:
+        """Close the file; after a failure (no :meth:`finish`) remove the temp file."""
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+        if self.tmp is not None:
+            Path(self.tmp).unlink(missing_ok=True)
+            self.tmp = None
+
+
+def stream_spot_prediction(method, section, h5ad: str | Path, uns: dict | None = None,
+                           images: dict | None = None, keep=(),
+                           progress: bool = True) -> StreamedPrediction:
+    """``method.predict(section)`` of a spot-level method (:attr:`~histosr.methods.spot.
+    SpotMethod.blockwise`) at a section whose points are 8 um superpixels (``counts.obs``
+    ``row``/``col``, e.g. :func:`histosr.image_only.section_from_image` with
+    ``grid="superpixels"``), streamed to ``h5ad`` a block of points at a time
+    (:func:`band_points` of :meth:`~histosr.methods.spot.SpotMethod.point_bytes`), never
+    holding the points x genes prediction in memory: X (log1p CP10k) a chunked dense HDF5
+    dataset (``anndata.read_h5ad`` whole or ``backed="r"``), ``obs`` the section's ids and
+    row/col, ``obsm["spatial"]`` the points (full-res px, x = column, y = row), scanpy's
+    ``uns["spatial"]``; ``var`` gets :data:`PRED_MEAN` and :data:`PRED_MAX`. ``uns``: added
+    to ``uns["histosr"]``. Temporary files (section-wide crop features for
+    ``standardize="section"``) go to ``<h5ad>.scratch`` beside it and are removed; the file
+    appears atomically. ``keep``: genes returned in memory (:class:`KeptMaps`, previews)."""
+    from tqdm.auto import tqdm
+
+    from .geometry import grid_for
+
+    method.check_fitted()
+    if not getattr(method, "blockwise", False):
+        raise InputError(f"{method.name} predicts all its points at once: it cannot stream")
+    obs = section.counts.obs
+    if "row" not in obs or "col" not in obs:
+        raise InputError("stream_spot_prediction needs a section of 8 um superpixels (obs "
+                         "row/col): section_from_image(..., grid='superpixels')")
+    genes = list(method.genes_)
+    grid = grid_for(section)
+    rr = obs["row"].to_numpy()
+    cc = obs["col"].to_numpy()
+    ids = section.counts.obs_names
+    xy = np.asarray(section.xy, dtype=np.float64)
+    n = len(xy)
+    block = band_points(method.point_bytes())
+    h5ad = Path(h5ad)
+    scratch = h5ad.with_name(h5ad.name + ".scratch")
+    info = {**method.prediction_uns(section), **(uns or {})}
+    sink = None
+    try:
+        sink = PredictionSink(h5ad, n, pd.DataFrame(index=pd.Index(genes)), info, grid,
+                              section, images, keep)
+        i = 0
+        with tqdm(total=n, desc="predict", disable=not progress) as bar:
+            for vals in method.predict_blocks(section, xy, block, scratch):
+                j = i + len(vals)
+                sink.add(rr[i:j], cc[i:j], np.asarray(vals, dtype=np.float32), ids[i:j],
+                         xy[i:j])
+                bar.update(len(vals))
+                i = j
+        v, kept = sink.finish()
+    finally:
+        if sink is not None:
+            sink.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    return StreamedPrediction(h5ad, None, n, v, kept, False)
 
 
 def _h5ad_skeleton(path: Path, n: int, var: pd.DataFrame, uns: dict, grid, section, images):

@@ -62,6 +62,28 @@ class PredictionTooLargeError(InputError):
     the alternatives."""
 
 
+def memory_budget() -> float:
+    """Bytes an in-memory prediction may take: 60% of the memory available now."""
+    import psutil
+
+    return 0.6 * psutil.virtual_memory().available
+
+
+def check_prediction_size(n_obs: int, n_genes: int, copies: float, what: str, advice: str,
+                          max_bytes: float | None = None) -> None:
+    """Raise :class:`PredictionTooLargeError` before any work when ``copies`` float32
+    (``n_obs`` x ``n_genes``) arrays would exceed ``max_bytes`` (default
+    :func:`memory_budget`). ``what``: the observations (e.g. "superpixels"); ``advice``:
+    what to do instead (ends the message)."""
+    need = float(n_obs) * int(n_genes) * 4 * float(copies)
+    if max_bytes is None:
+        max_bytes = memory_budget()
+    if need > max_bytes:
+        raise PredictionTooLargeError(
+            f"predicting {int(n_obs):,} {what} x {int(n_genes):,} genes in memory needs about "
+            f"{need / 2**30:.1f} GB, more than the {max_bytes / 2**30:.1f} GB allowed: {advice}")
+
+
 def _load_builtin() -> None:
     # importing the modules registers them
     from . import baselines, hespotex, hishrst, histex, hybrid, istar, ridge, trihrge  # noqa: F401
@@ -433,19 +455,11 @@ class SuperpixelMethod(Method):
                          consistency=bool(consistency), calibrate=bool(calibrate))
 
     def _check_size(self, n_cells: int, consistency: bool, max_bytes: float | None) -> None:
-        need = float(n_cells) * len(self.genes_) * 4 * (3 if consistency else 2)
-        if max_bytes is None:
-            import psutil
-
-            max_bytes = 0.6 * psutil.virtual_memory().available
-        if need > max_bytes:
-            raise PredictionTooLargeError(
-                f"predicting {n_cells:,} superpixels x {len(self.genes_):,} genes in memory "
-                f"needs about {need / 2**30:.1f} GB, more than the {max_bytes / 2**30:.1f} GB "
-                "allowed: fit fewer genes (the default is the top 1000 of "
-                "hs.pp.select_genes), predict at='spots', or stream it to disk with "
-                "histosr.outputs.stream_prediction(method, section, features, "
-                "'prediction.h5ad', 'maps.zarr')")
+        check_prediction_size(
+            n_cells, len(self.genes_), 3 if consistency else 2, "superpixels",
+            "fit fewer genes (the default is the top 1000 of hs.pp.select_genes), predict "
+            "at='spots', or stream it to disk with histosr.outputs.stream_prediction(method, "
+            "section, features, 'prediction.h5ad', 'maps.zarr')", max_bytes)
 
     def predict_cells(self, section, features, flat_cells: np.ndarray,
                       consistency: bool = False, calibrate: bool | None = None,
@@ -551,6 +565,7 @@ def superpixel_anndata(vals: np.ndarray, rows: np.ndarray, cols: np.ndarray, gri
 
 __all__ = ["Method", "SuperpixelMethod", "register_method", "get_method", "available_methods",
            "method_class", "load_method", "superpixel_anndata", "disk_cells", "fit_genes",
-           "NotFittedError", "PredictionTooLargeError", "SUPERPIXEL", "SPOT", "KINDS",
+           "NotFittedError", "PredictionTooLargeError", "check_prediction_size",
+           "memory_budget", "SUPERPIXEL", "SPOT", "KINDS",
            "WHOLE_SPOT_LAYER",
            "REGISTRY"]

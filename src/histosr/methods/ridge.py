@@ -31,7 +31,9 @@ within each section; at prediction over the points being predicted (see
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -51,6 +53,7 @@ class ImageSpotMethod(SpotMethod):
 
     constraints: ClassVar[dict] = {"standardize": Options(*STANDARDIZE),
                                    "n_pcs": Interval(int, 1)}
+    blockwise: ClassVar[bool] = True
 
     scales: tuple[float, ...] = (1.0, 3.0)
     standardize: str = "section"
@@ -61,9 +64,12 @@ class ImageSpotMethod(SpotMethod):
         return spot_image_features(section, xy, self.encoder, tuple(self.scales),
                                    self.cache_dir)
 
-    def _standardized(self, raw: np.ndarray) -> np.ndarray:
-        """One section's points: z-scored over themselves (``"section"``) or as is."""
-        return zscore(raw)[0] if self.standardize == "section" else raw
+    def _standardized(self, raw: np.ndarray, stats: tuple | None = None) -> np.ndarray:
+        """One section's points: z-scored over themselves (``"section"``; ``stats``: the
+        section's (mean, std) when ``raw`` is a block of its points) or as is."""
+        if self.standardize != "section":
+            return raw
+        return zscore(raw, *(stats or (None, None)))[0]
 
     def _fit_features(self, sections) -> list[np.ndarray]:
         from ..features.ssl import shared_encoder
@@ -97,16 +103,78 @@ class ImageSpotMethod(SpotMethod):
         out -= self.pca_mean_[None] @ self.pca_components_.T
         return out.astype(np.float64)
 
-    def transform_raw(self, raw: np.ndarray) -> np.ndarray:
+    def transform_raw(self, raw: np.ndarray, stats: tuple | None = None) -> np.ndarray:
         """Projection of raw crop features of points of ONE section (standardised over
-        these points with ``"section"``: predict a section's points at once)."""
-        f = self._standardized(raw)
+        these points with ``"section"``: predict a section's points at once, or give
+        ``stats``, the (mean, std) over all of them, of :meth:`section_features`)."""
+        f = self._standardized(raw, stats)
         if self.standardize == "global":
             f = zscore(f, self.fmean_, self.fstd_)[0]
         return self._project(f)
 
     def _transform(self, section, xy) -> np.ndarray:
         return self.transform_raw(self._raw_features(section, xy))
+
+    def _from_projection(self, X: np.ndarray) -> np.ndarray:  # pragma: no cover
+        """(n, genes) float32 log1p CP10k from projected features (n, n_pcs)."""
+        raise NotImplementedError
+
+    def _predict_spots(self, section, xy):
+        return self._from_projection(self._transform(section, xy))
+
+    # -- block by block -------------------------------------------------------------------
+    def point_bytes(self) -> int:
+        d = int(self.pca_components_.shape[1]) if hasattr(self, "pca_components_") else 0
+        return 4 * max(1, len(self.genes_)) + 12 * d  # genes + raw, z-scored (f4), f8 copy
+
+    def section_features(self, section, xy: np.ndarray, block: int,
+                         scratch: Path | None = None) -> tuple[np.ndarray, tuple]:
+        """Raw crop features of all points (full-res px, x = column, y = row), computed
+        ``block`` points at a time into an (n, d) float32 array (``scratch``: a .npy
+        memmap in that folder, else in memory), and their (mean, std) per column over all
+        points, as :func:`~histosr.methods.imagefeat.zscore` computes them (float64;
+        blocks merged by Chan et al.'s pairwise update)."""
+        n, b = len(xy), max(1, int(block))
+        raw = mean = m2 = None
+        for i in range(0, n, b):
+            f = self._raw_features(section, xy[i : i + b])
+            if raw is None:
+                shape = (n, f.shape[1])
+                if scratch is None:
+                    raw = np.empty(shape, np.float32)
+                else:
+                    Path(scratch).mkdir(parents=True, exist_ok=True)
+                    raw = np.lib.format.open_memmap(Path(scratch) / "raw_features.npy",
+                                                    mode="w+", dtype=np.float32, shape=shape)
+                mean, m2 = np.zeros(shape[1]), np.zeros(shape[1])
+            raw[i : i + len(f)] = f
+            x = np.asarray(f, dtype=np.float64)
+            mb = x.mean(axis=0)
+            delta = mb - mean
+            mean += delta * (len(x) / (i + len(x)))
+            m2 += ((x - mb) ** 2).sum(axis=0) + delta**2 * (i * len(x) / (i + len(x)))
+        if raw is None:  # no point: zscore's statistics of an empty array
+            d = self._raw_features(section, np.zeros((0, 2))).shape[1]
+            return np.zeros((0, d), np.float32), (np.zeros(d), np.ones(d))
+        std = np.sqrt(m2 / n) if n > 1 else np.ones_like(mean)
+        return raw, (mean, std)
+
+    def predict_blocks(self, section, xy: np.ndarray, block: int,
+                       scratch: Path | None = None) -> Iterator[np.ndarray]:
+        """As :meth:`SpotMethod.predict_blocks`; with ``standardize="section"`` two passes:
+        raw crop features of every point first (:meth:`section_features`, on disk in
+        ``scratch``) with their section-wide statistics, then per block the same
+        standardisation, projection and prediction as :meth:`predict` of all points."""
+        if self.standardize != "section":
+            yield from super().predict_blocks(section, xy, block, scratch)
+            return
+        xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+        raw, stats = self.section_features(section, xy, block, scratch)
+        b = max(1, int(block))
+        for i in range(0, len(xy), b):
+            X = self.transform_raw(np.asarray(raw[i : i + b]), stats)
+            yield np.asarray(self._from_projection(X), dtype=np.float32)
+        del raw
 
 
 def _ridge_svd(X: np.ndarray, Y: np.ndarray):
@@ -185,13 +253,13 @@ class Ridge(ImageSpotMethod):
         self.xmean_, self.intercept_, self.alpha_ = xm, ym, alpha
         self.fit_info_ = {"alpha": alpha, "n_pcs": int(self.pca_components_.shape[0])}
 
-    def predict_raw(self, raw: np.ndarray) -> np.ndarray:
-        """log1p CP10k from raw crop features of points of one section (rows x genes)."""
-        X = self.transform_raw(raw)
-        return ((X - self.xmean_) @ self.coef_ + self.intercept_).astype(np.float32)
+    def predict_raw(self, raw: np.ndarray, stats: tuple | None = None) -> np.ndarray:
+        """log1p CP10k from raw crop features of points of one section (rows x genes;
+        ``stats``: see :meth:`transform_raw`)."""
+        return self._from_projection(self.transform_raw(raw, stats))
 
-    def _predict_spots(self, section, xy):
-        return self.predict_raw(self._raw_features(section, xy))
+    def _from_projection(self, X: np.ndarray) -> np.ndarray:
+        return ((X - self.xmean_) @ self.coef_ + self.intercept_).astype(np.float32)
 
 
 @register_method("knn_features")
@@ -208,10 +276,9 @@ class KNNFeatures(ImageSpotMethod):
         self.train_x_ = np.concatenate(self._fit_features(sections)).astype(np.float32)
         self.train_y_ = np.concatenate(targets).astype(np.float32)
 
-    def _predict_spots(self, section, xy):
+    def _from_projection(self, X: np.ndarray) -> np.ndarray:
         from scipy.spatial import cKDTree
 
-        X = self._transform(section, xy)
         k = int(min(self.k, len(self.train_x_)))
         _, idx = cKDTree(self.train_x_).query(X, k=k)
         idx = np.asarray(idx).reshape(len(X), k)
@@ -222,6 +289,8 @@ class KNNFeatures(ImageSpotMethod):
 @dataclass
 class TrainingMean(SpotMethod):
     """Every spot gets the mean log1p CP10k of the training spots (reads no image)."""
+
+    blockwise: ClassVar[bool] = True
 
     def _fit_spots(self, sections, targets) -> None:
         self.mean_ = np.concatenate(targets).mean(axis=0).astype(np.float32)

@@ -20,7 +20,9 @@ Subclasses implement ``_fit_spots(sections, targets)`` and ``_predict_spots(sect
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import anndata as ad
@@ -51,6 +53,13 @@ class SpotMethod(Method):
     #: True for methods that read only the image of the section they predict (no measured
     #: spot of it), so they can predict sections that were never sequenced
     image_only: ClassVar[bool] = True
+    #: True when :meth:`predict_blocks` gives ``predict``'s rows a block of points at a time
+    #: (each point predicted from its own crops, given section-wide statistics); False when
+    #: a prediction needs all its points at once (e.g. a graph over neighbouring points)
+    blockwise: ClassVar[bool] = False
+    #: float32 (points x genes) arrays an in-memory :meth:`predict` holds at its peak
+    #: (:func:`~histosr.methods.base.check_prediction_size`)
+    predict_copies: ClassVar[float] = 4.0
 
     encoder: str = "handcrafted"
     cache_dir: str | None = None
@@ -67,6 +76,30 @@ class SpotMethod(Method):
         from ..features.registry import REGISTRY as ENCODERS
 
         ENCODERS.key(self.encoder)  # an unknown encoder fails before any work
+
+    def point_bytes(self) -> int:
+        """Bytes one predicted point takes while a block is predicted (its float32 genes;
+        methods with wide per-point features add them): sizes :meth:`predict_blocks`."""
+        return 4 * max(1, len(self.genes_))
+
+    def predict_blocks(self, section, xy: np.ndarray, block: int,
+                       scratch: Path | None = None) -> Iterator[np.ndarray]:
+        """``predict(section, at=xy).X`` as consecutive blocks of at most ``block`` points
+        (full-res px, x = column, y = row): (rows, genes) float32 log1p CP10k each, so the
+        points x genes prediction never sits in memory. ``scratch``: a folder for temporary
+        files (e.g. section-wide features on disk; the caller removes it). Only for
+        :attr:`blockwise` methods."""
+        if not self.blockwise:
+            raise NotImplementedError(f"{self.name} predicts all its points at once")
+        xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+        b = max(1, int(block))
+        for i in range(0, len(xy), b):
+            yield np.asarray(self._predict_spots(section, xy[i : i + b]), dtype=np.float32)
+
+    def prediction_uns(self, section) -> dict:
+        """``uns["histosr"]`` of a prediction of this section's points (see :meth:`predict`)."""
+        return self._uns(section, encoder=self.encoder, consistency=False,
+                         um_per_px=float(section.um_per_px))
 
     # -- public API -----------------------------------------------------------------------
     def _fit_kind(self, sections, features) -> None:
@@ -103,8 +136,7 @@ class SpotMethod(Method):
         out = ad.AnnData(X=X, obs=pd.DataFrame(index=pd.Index(ids)),
                          var=pd.DataFrame(index=pd.Index(self.genes_)))
         out.obsm["spatial"] = np.asarray(xy, dtype=np.float64)
-        uns = self._uns(section, encoder=self.encoder, consistency=False,
-                        um_per_px=float(section.um_per_px))
+        uns = self.prediction_uns(section)
         if in_sample is not None:
             uns["in_sample"] = in_sample
         out.uns["histosr"] = uns
