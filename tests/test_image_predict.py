@@ -62,6 +62,12 @@ def test_fit_then_predict_from_image_alone(tmp_path):
                  "--genes", gene, "--out", str(tmp_path / "sp")]) == 0
     sp = ad.read_h5ad(tmp_path / "sp" / "prediction.h5ad")
     assert {"row", "col"} <= set(sp.obs) and list(sp.uns["histosr"]["grid_shape"]) == [25, 25]
+    # streamed (ridge is blockwise): per-gene statistics, previews of the kept genes, no
+    # temporary file left
+    assert "mean_per_superpixel" in sp.var and sp.uns["histosr"]["grid"] == "superpixels"
+    assert (tmp_path / "sp" / "previews" / f"{gene}.png").stat().st_size > 1000
+    assert sorted(p.name for p in (tmp_path / "sp").iterdir()) == ["prediction.h5ad",
+                                                                   "previews"]
 
 
 def test_image_only_errors(tmp_path, capsys):
