@@ -257,6 +257,7 @@ def pipeline_sizes(args) -> bool:
         if r.returncode not in (0, 1):
             raise RuntimeError(f"size {size} failed:\n{r.stderr[-3000:]}")
         lines.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        print(json.dumps(lines[-1]), flush=True)  # stage peaks and output sizes per size
     ref = subprocess.run(base + ["--size", str(min(args.sizes)), "--genes", "20",
                                  "--out", f"{args.out}/knn"], capture_output=True, text=True)
     if ref.returncode not in (0, 1):
