@@ -100,3 +100,16 @@ def test_pcc_log_cp10k_blocks_equal_whole(monkeypatch):
     assert got.mean() > 0.3  # correlated by construction
     # a library over a subset of columns is not the same quantity
     assert not np.allclose(metrics.pcc_log_cp10k(a[:, :7], b[:, :7]), want[:7])
+
+
+def test_column_stats_blocks_equal_whole():
+    import scipy.sparse as sp
+
+    from histosr.arrays import column_stats
+
+    x = np.random.default_rng(0).poisson(0.7, (57, 9)).astype(np.float32)
+    for m in (x, sp.csr_matrix(x), sp.csc_matrix(x)):
+        for block in (1, 8, 1000):
+            mean, det = column_stats(m, block)
+            np.testing.assert_allclose(mean, x.mean(axis=0, dtype=np.float64), rtol=1e-12)
+            np.testing.assert_allclose(det, (x > 0).mean(axis=0))

@@ -82,3 +82,19 @@ def test_blocked_spot_sums_equal_one_block(fitted, monkeypatch):
     whole = m.predict(s, fm, at="spots").X
     monkeypatch.setattr(consistency, "CELL_BLOCK", 7)
     np.testing.assert_allclose(m.predict(s, fm, at="spots").X, whole, rtol=1e-4, atol=1e-4)
+
+
+def test_zoom_window_found_on_coarse_blocks(monkeypatch):
+    """On a grid larger than ZOOM_SEARCH_SP the zoom window is searched on k x k blocks
+    (bounded memory) and still lands on the planted high-variance patch."""
+    import histosr.pl as pl
+
+    rng = np.random.default_rng(1)
+    img = rng.normal(0, 0.1, (700, 900)).astype(np.float32)
+    img[:200] = np.nan  # off tissue
+    img[400:464, 600:664] += rng.normal(0, 3, (64, 64)).astype(np.float32)
+    full = pl._zoom_window(img, 64)
+    monkeypatch.setattr(pl, "ZOOM_SEARCH_SP", 100)  # k = 9
+    r0, c0, n = pl._zoom_window(img, 64)
+    assert n == 64 and full == (400, 600, 64)
+    assert abs(r0 - 400) <= 9 and abs(c0 - 600) <= 9

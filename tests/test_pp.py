@@ -60,3 +60,22 @@ def test_named_genes_are_added_and_unmeasured_ones_warned(table):
     assert got[0] == "b" and got[1:] == ["c"]
     with pytest.raises(ValueError, match="n_top"):
         select_genes(_adata(x, genes), 0)
+
+
+def test_spot_blocks_give_the_whole_matrix_answer(monkeypatch):
+    """Detection and variance are accumulated over blocks of spots (bounded memory): any
+    block size gives the ranking of the whole-matrix computation, pooled over tables."""
+    import histosr.pp as pp
+
+    rng = np.random.default_rng(3)
+    genes = [f"g{i}" for i in range(40)]
+    tabs = [_adata(sp.csr_matrix(rng.poisson(rng.gamma(1.0, 2.0, 40), (n, 40)).astype(float)),
+                   genes) for n in (37, 53)]
+    x = np.concatenate([t.X.toarray() for t in tabs])
+    det = (x > 0).mean(axis=0)
+    keep = np.flatnonzero(det >= 0.3)
+    var = metrics.log_cp10k(x[:, keep], x.sum(axis=1)).var(axis=0)
+    want = [genes[keep[i]] for i in np.argsort(-var, kind="stable")[:12]]
+    for block in (1, 7, 4096):
+        monkeypatch.setattr(pp, "SPOT_BLOCK", block)
+        assert select_genes(tabs, 12, 0.3) == want

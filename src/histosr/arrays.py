@@ -48,4 +48,23 @@ def columns(adata, genes, dtype=np.float64, layer: str | None = None) -> np.ndar
     return dense((adata.X if layer is None else adata.layers[layer])[:, idx], dtype)
 
 
-__all__ = ["dense", "row_sums", "gene_values", "columns"]
+def column_stats(x, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """float64 (n_cols,) mean and fraction of rows > 0 of every column, over blocks of
+    ``block`` rows (no dense float64 copy of ``x``)."""
+    n = x.shape[0]
+    total, det = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+    if sp.issparse(x):
+        x = x.tocsr()
+    for a in range(0, n, block):
+        b = x[a : a + block]
+        if sp.issparse(b):
+            total += np.asarray(b.sum(axis=0), dtype=np.float64).ravel()
+            det += np.asarray((b > 0).sum(axis=0), dtype=np.float64).ravel()
+        else:
+            b = dense(b, np.float64) if not isinstance(b, np.ndarray) else b
+            total += b.sum(axis=0, dtype=np.float64)
+            det += (b > 0).sum(axis=0)
+    return total / max(n, 1), det / max(n, 1)
+
+
+__all__ = ["dense", "row_sums", "gene_values", "columns", "column_stats"]

@@ -306,22 +306,48 @@ def _grid_window(shape, box, sp_px: float) -> tuple[int, int, int, int]:
     return r0, max(r1, r0 + 1), c0, max(c1, c0 + 1)
 
 
+def _block_sums(img: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per k x k block of superpixels: the number on tissue (finite), the sum of the values
+    and of their squares (float64), a strip of k rows at a time (no full-size float64
+    temporaries: 5,000 x 5,000 on a 40,000 px slide)."""
+    gh, gw = img.shape
+    H, W = -(-gh // k), -(-gw // k)
+    t, s1, s2 = np.zeros((H, W)), np.zeros((H, W)), np.zeros((H, W))
+    for i in range(H):
+        strip = np.full((k, W * k), np.nan, dtype=np.float64)
+        part = img[i * k : (i + 1) * k]
+        strip[: len(part), :gw] = part
+        fin = np.isfinite(strip)
+        v = np.where(fin, strip, 0.0)
+        t[i] = fin.reshape(k, W, k).sum(axis=(0, 2))
+        s1[i] = v.reshape(k, W, k).sum(axis=(0, 2))
+        s2[i] = (v * v).reshape(k, W, k).sum(axis=(0, 2))
+    return t, s1, s2
+
+
+#: longest side of the grid the zoom window is searched on (coarser blocks beyond it)
+ZOOM_SEARCH_SP = 1024
+
+
 def _zoom_window(img: np.ndarray, n: int) -> tuple[int, int, int]:
     """(row0, col0, side) of the ``n`` x ``n`` window (in superpixels) where ``img`` (NaN
     off tissue) varies most over tissue, among windows at least 80 % tissue (else the most
-    tissue): where 8 um detail is there to see."""
+    tissue): where 8 um detail is there to see. Searched on blocks of k x k superpixels
+    when the grid is larger than :data:`ZOOM_SEARCH_SP` (k = 1 below: every window)."""
     from scipy import ndimage
 
     gh, gw = img.shape
     n = int(min(n, gh, gw))
-    tissue = np.isfinite(img)
-    v = np.nan_to_num(img).astype(np.float64)
-    frac = ndimage.uniform_filter(tissue.astype(np.float64), n, mode="constant")
-    w = np.maximum(frac, 1e-9)
-    m1 = ndimage.uniform_filter(v, n, mode="constant") / w
-    m2 = ndimage.uniform_filter(v * v, n, mode="constant") / w
-    score = np.where(frac >= 0.8 * frac.max(), m2 - m1 * m1, -np.inf)
+    k = max(1, -(-max(gh, gw) // ZOOM_SEARCH_SP))
+    t, s1, s2 = _block_sums(img, k)
+    nk = max(1, int(round(n / k)))
+    cnt = ndimage.uniform_filter(t, nk, mode="constant")
+    w = np.maximum(cnt, 1e-9 * k * k)
+    m1 = ndimage.uniform_filter(s1, nk, mode="constant") / w
+    m2 = ndimage.uniform_filter(s2, nk, mode="constant") / w
+    score = np.where(cnt >= 0.8 * cnt.max(), m2 - m1 * m1, -np.inf)
     r, c = np.unravel_index(int(np.argmax(score)), score.shape)
+    r, c = r * k + k // 2, c * k + k // 2  # the block's centre superpixel
     r0 = int(np.clip(r - n // 2, 0, gh - n))
     c0 = int(np.clip(c - n // 2, 0, gw - n))
     return r0, c0, n

@@ -36,6 +36,36 @@ def shared_genes(data) -> list[str]:
     return [str(g) for g in tabs[0].var_names if str(g) in common]
 
 
+#: spots per block of :func:`select_genes` (float64 blocks of 2048 x genes)
+SPOT_BLOCK = 2048
+
+
+def _gene_blocks(tabs, genes: list[str]):
+    """Yield (float64 block of ``genes``' counts, its spots' libraries over ALL genes), a
+    block of :data:`SPOT_BLOCK` spots at a time, over every table."""
+    for t in tabs:
+        X = t.X.tocsr() if sp.issparse(t.X) else t.X
+        idx = t.var_names.get_indexer(genes)
+        for a in range(0, t.n_obs, SPOT_BLOCK):
+            block = X[a : a + SPOT_BLOCK]
+            yield dense(block[:, idx]), row_sums(block)
+
+
+def _pooled_log_cp10k_var(tabs, genes: list[str], n: int) -> np.ndarray:
+    """Variance of log1p CP10k of ``genes`` over the pooled spots (two passes over spot
+    blocks: the mean, then the squared deviations, as ``ndarray.var`` computes it)."""
+    from .metrics import log_cp10k
+
+    total = np.zeros(len(genes))
+    for sub, lib in _gene_blocks(tabs, genes):
+        total += log_cp10k(sub, lib).sum(axis=0)
+    mean = total / n
+    ss = np.zeros(len(genes))
+    for sub, lib in _gene_blocks(tabs, genes):
+        ss += ((log_cp10k(sub, lib) - mean) ** 2).sum(axis=0)
+    return ss / n
+
+
 def select_genes(data, n_top: int | None = 1000, min_frac: float = 0.10,
                  include=None) -> list[str]:
     """The HEST rule over the pooled spots of ``data`` (a Section, an AnnData of raw counts,
@@ -46,8 +76,6 @@ def select_genes(data, n_top: int | None = 1000, min_frac: float = 0.10,
     ``include``: genes the user names (previews, markers); they are appended when measured
     in every section, and a warning names those that are not. Fewer than ``n_top`` genes are
     returned when fewer pass the filter."""
-    from .metrics import log_cp10k
-
     if n_top is not None and int(n_top) < 1:
         raise InputError(f"n_top must be >= 1 (or None for every gene that passes), got {n_top}")
     if not 0.0 <= float(min_frac) <= 1.0:
@@ -57,21 +85,15 @@ def select_genes(data, n_top: int | None = 1000, min_frac: float = 0.10,
     chosen: list[str] = []
     n_spots = sum(t.n_obs for t in tabs)
     if genes and n_spots:
+        # blocks of spots: no (spots x genes) float64 copies (a Visium HD or 40,000 px
+        # section's counts would be copied five times over)
         det = np.zeros(len(genes))
-        mats, libs = [], []
-        for t in tabs:
-            X = t.X
-            X = X.tocsc() if sp.issparse(X) else dense(X)
-            idx = t.var_names.get_indexer(genes)
-            sub = X[:, idx]
-            det += np.asarray((sub > 0).sum(axis=0), dtype=np.float64).ravel()
-            mats.append(sub)
-            libs.append(row_sums(X))
+        for sub, _ in _gene_blocks(tabs, genes):
+            det += (sub > 0).sum(axis=0)
         keep = np.flatnonzero(det / n_spots >= float(min_frac))
         if len(keep):
-            vals = np.concatenate([log_cp10k(dense(m[:, keep]), lib)
-                                   for m, lib in zip(mats, libs)])
-            order = np.argsort(-vals.var(axis=0), kind="stable")
+            var = _pooled_log_cp10k_var(tabs, [genes[i] for i in keep], n_spots)
+            order = np.argsort(-var, kind="stable")
             if n_top is not None:
                 order = order[: int(n_top)]
             chosen = [genes[keep[i]] for i in order]

@@ -306,9 +306,13 @@ def qc_figure(section, mask, path: Path) -> Path:
     hax = fig.add_axes((0.73, 0.13, 0.25, 0.74))
     ax.imshow(thumb, extent=(x0, x1, y1, y0))
     if mask is not None:
-        m = np.asarray(mask, dtype=float)  # superpixel row r is centred at (r + 0.5) * sp
-        ax.contour((np.arange(m.shape[1]) + 0.5) * sp, (np.arange(m.shape[0]) + 0.5) * sp, m,
-                   levels=[0.5], colors=["#00a0ff"], linewidths=0.8)
+        # every s-th superpixel: the figure is < 1000 px wide, and a 40,000 px slide's
+        # 5,000 x 5,000 float grids would cost 600 MB; superpixel row r is centred at
+        # (r + 0.5) * sp
+        s = max(1, -(-max(np.shape(mask)) // 1000))
+        m = np.asarray(mask, dtype=bool)[::s, ::s].astype(np.float32)
+        ax.contour((np.arange(m.shape[1]) * s + 0.5) * sp, (np.arange(m.shape[0]) * s + 0.5)
+                   * sp, m, levels=[0.5], colors=["#00a0ff"], linewidths=0.8)
     if section.n_spots:
         lo = max(1.0, float(np.percentile(umi, 1)))
         hi = max(lo * 1.01, float(np.percentile(umi, 99)))
@@ -349,7 +353,7 @@ def gene_table(var, section=None, shown=(), extra: dict | None = None) -> tuple[
     sentence summarising the self-validation, or "" when the genes are not validated)."""
     import numpy as np
 
-    from .arrays import columns
+    from .arrays import column_stats
     from .outputs import HELDOUT_PCC, HELDOUT_PCC_INTERP, IN_SAMPLE_PCC
 
     genes = [str(g) for g in var.index]
@@ -364,9 +368,10 @@ def gene_table(var, section=None, shown=(), extra: dict | None = None) -> tuple[
     if section is not None and section.counts.n_vars:
         have = [g for g in genes if g in section.counts.var_names]
         if have:
-            X = columns(section.counts, have)
+            j = section.counts.var_names.get_indexer(have)
+            mean, det = column_stats(section.counts.X)  # spot blocks: no dense copy
+            mean, det = mean[j], det[j] * 100
             idx = {g: i for i, g in enumerate(have)}
-            mean, det = X.mean(axis=0), (X > 0).mean(axis=0) * 100
             cols["mean UMI per spot"] = np.array([mean[idx[g]] if g in idx else np.nan
                                                   for g in genes])
             cols["detected in % of spots"] = np.array([det[idx[g]] if g in idx else np.nan
