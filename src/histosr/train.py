@@ -28,7 +28,7 @@ __all__ = [
     "state_seeds",
     "resolve_device",
     "fit_states",
-    "median_over_states",
+    "median_over_states", "median_inplace",
     "make_optimizer",
     "train_loop",
     "fit_members",
@@ -185,7 +185,16 @@ def median_over_states(arrays: Iterable[Any]) -> np.ndarray:
         raise InputError("median_over_states needs at least one array")
     if len(arrs) == 1:
         return np.array(arrs[0], dtype=np.float32, copy=True)
-    return np.median(np.stack(arrs, axis=0), axis=0).astype(np.float32)
+    return median_inplace(np.stack(arrs, axis=0))
+
+
+def median_inplace(stacked: np.ndarray) -> np.ndarray:
+    """Median over axis 0 (the members) of a stacked (members, ...) array, as float32;
+    ``stacked`` is partitioned in place (no working copy: predictions of a block of
+    superpixels x genes x members are the largest arrays of a streamed prediction)."""
+    if len(stacked) == 1:
+        return np.array(stacked[0], dtype=np.float32, copy=True)
+    return np.median(stacked, axis=0, overwrite_input=True).astype(np.float32, copy=False)
 
 
 def make_optimizer(params, optimizer: str = "adam", lr: float = 1e-3, weight_decay: float = 0.0):

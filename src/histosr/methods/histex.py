@@ -494,15 +494,13 @@ class CrossAttentionSR(SuperpixelMethod):
             flat = torch.from_numpy(local * T + pos).to(dev)
             tok_t = torch.from_numpy(tok).to(dev)
             ctx = HRd[torch.from_numpy(nb).to(dev)]
+            y = np.empty((len(models), len(sel), len(self.genes_)), dtype=np.float32)
             with torch.inference_mode():
-                outs = []
-                for mdl in models:
-                    outs.append(mdl.head(mdl.fuse(tok_t, ctx, flat),
-                                         tok_t.reshape(-1, self.in_dim_)[flat]))
+                for i, mdl in enumerate(models):  # one member's output alive at a time
+                    y[i] = mdl.head(mdl.fuse(tok_t, ctx, flat),
+                                    tok_t.reshape(-1, self.in_dim_)[flat]).float().cpu().numpy()
             if reduce:
-                y = train.median_over_states(outs)
-            else:
-                y = np.stack([o.cpu().numpy() for o in outs])
+                y = train.median_inplace(y)
             yield sel, (y * self.target_scale_ + self.target_min_).astype(np.float32)
 
 

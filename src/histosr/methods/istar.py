@@ -211,15 +211,16 @@ class IStar(SuperpixelMethod):
         dev = train.resolve_device(self.device)
         models = self._models(dev)
         G = len(self.genes_)
-        chunk = int(min(65536, max(1024, _PREDICT_BUDGET_BYTES // (4 * G * len(models)))))
+        # the block's members' outputs, stacked, plus the median and its scaled copy
+        chunk = int(min(65536, max(1024, _PREDICT_BUDGET_BYTES // (4 * G * (len(models) + 2)))))
         r, c = features.grid.unflat(flat_cells)
         for a in range(0, len(flat_cells), chunk):
             x = (features.gather(r[a : a + chunk], c[a : a + chunk]) - self.feat_mean_)
             x = torch.from_numpy(x / self.feat_std_).to(dev)
+            y = np.empty((len(models), len(x), G), dtype=np.float32)
             with torch.inference_mode():
-                outs = [m(x) for m in models]
+                for i, m in enumerate(models):  # one member's output alive at a time
+                    y[i] = m(x).cpu().numpy()
             if reduce:
-                y = train.median_over_states(outs)
-            else:
-                y = np.stack([o.cpu().numpy() for o in outs])
+                y = train.median_inplace(y)
             yield (y * self.target_scale_ + self.target_min_).astype(np.float32)
