@@ -227,3 +227,21 @@ def test_whole_decode_equals_pil_with_and_without_imagecodecs(tmp_path, mode, su
     monkeypatch.setitem(sys.modules, "imagecodecs", None)  # not installed
     monkeypatch.setattr(himage, "_DECODE_ROWS", 256)  # several strips
     np.testing.assert_array_equal(FileImage(str(path)).read(0, 0, 1100, 700), want)
+
+
+def test_release_drops_the_decoded_jpeg_and_reads_again(tmp_path):
+    """After release() a JPEG's full decode is gone (memory) and reads decode it again,
+    pixel-identical."""
+    from PIL import Image
+
+    from histosr.image import open_image
+
+    a = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    p = tmp_path / "he.jpg"
+    Image.fromarray(a).save(p, quality=95)
+    img = open_image(p)
+    first = img.read(10, 20, 30, 40).copy()
+    assert img._array is not None
+    img.release()
+    assert img._array is None
+    np.testing.assert_array_equal(img.read(10, 20, 30, 40), first)

@@ -75,6 +75,10 @@ class ImageSource:
     def _read(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
 
+    def release(self) -> None:
+        """Drop decoded full-resolution pixels held in memory, if any (read again on
+        demand): a pipeline calls it after its feature pass."""
+
     def read(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         """Region of ``h`` rows x ``w`` columns at (row y0, column x0), white-padded."""
         H, W = self.shape[:2]
@@ -320,6 +324,9 @@ class FileImage(ImageSource):
         if yb > ya and xb > xa:
             out[ya - ys : yb - ys, xa - xs : xb - xs] = a[ya:yb, xa:xb]
         return _resize(out, th, tw)
+
+    def release(self) -> None:
+        self._array = None  # reduced reads fall back to the JPEG's draft decodes
 
     def _load(self) -> np.ndarray:
         if self._array is None:

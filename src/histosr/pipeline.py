@@ -145,6 +145,9 @@ def _stages(rep: RunReport, rc: RunConfig, method, out: Path, cache: Path,
     if method.kind == SUPERPIXEL:
         with rep.stage("features"), train.main_process_first():  # ranks > 0: from the cache
             fm = _features(section, method, rc, cache, progress)
+        # a decoded JPEG (3 bytes per px: 276 MB for her2st C2) is not needed by the
+        # stages that read features; a method reading crops decodes it again on demand
+        section.image.release()
     key = digest(mcfg.name, method.learned_params(), genes, section_record(section)["key"],
                  None if fm is None else [fm.encoder, fm.meta, int(fm.mask.sum())])
     model_dir = out / "model"

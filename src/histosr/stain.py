@@ -213,6 +213,9 @@ class NormalizedImage(ImageSource):
     def shape(self):
         return self.source.shape
 
+    def release(self) -> None:
+        self.source.release()
+
     @property
     def level_downsamples(self):
         return self.source.level_downsamples
