@@ -98,3 +98,16 @@ def test_zoom_window_found_on_coarse_blocks(monkeypatch):
     r0, c0, n = pl._zoom_window(img, 64)
     assert n == 64 and full == (400, 600, 64)
     assert abs(r0 - 400) <= 9 and abs(c0 - 600) <= 9
+
+
+def test_display_grid_block_means(monkeypatch):
+    import histosr.pl as pl
+
+    img = np.arange(35, dtype=np.float32).reshape(5, 7)
+    img[0, 0] = np.nan
+    same, k = pl._display_grid(img)
+    assert k == 1 and same is img
+    monkeypatch.setattr(pl, "DISPLAY_SP", 3)  # k = 3: blocks of 3 x 3, NaN ignored
+    small, k = pl._display_grid(img)
+    assert k == 3 and small.shape == (2, 3)
+    assert small[0, 0] == np.nanmean(img[:3, :3]) and small[1, 2] == img[3:, 6:].mean()

@@ -325,6 +325,20 @@ def _block_sums(img: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return t, s1, s2
 
 
+#: longest side, in map pixels, of an 8 um map handed to matplotlib (block means beyond)
+DISPLAY_SP = 1024
+
+
+def _display_grid(img: np.ndarray) -> tuple[np.ndarray, int]:
+    """(``img`` or the NaN-aware means of its k x k blocks, k): at most :data:`DISPLAY_SP`
+    pixels a side (k = 1, ``img`` itself, below)."""
+    k = max(1, -(-max(img.shape) // DISPLAY_SP))
+    if k == 1:
+        return img, 1
+    t, s1, _ = _block_sums(img, k)
+    return np.where(t > 0, s1 / np.maximum(t, 1), np.nan).astype(np.float32), k
+
+
 #: longest side of the grid the zoom window is searched on (coarser blocks beyond it)
 ZOOM_SEARCH_SP = 1024
 
@@ -437,8 +451,12 @@ def preview(adata, gene: str, section=None, spots=None, zoom: bool = True,
             elif panel in maps:  # the map covers the tissue: no H&E under it
                 img, sp_px = maps[panel]
                 r_a, r_b, c_a, c_b = _grid_window(img.shape, box, sp_px)
-                im = ax.imshow(img[r_a:r_b, c_a:c_b], cmap=cmap, norm=norm,
-                               interpolation="nearest",
+                # a panel is ~300 px wide: a 40,000 px slide's 5,000 x 5,000 window goes
+                # to matplotlib as means of k x k superpixels (its resampling copies the
+                # array several times in float64)
+                shown, k = _display_grid(img[r_a:r_b, c_a:c_b])
+                r_b, c_b = r_a + shown.shape[0] * k, c_a + shown.shape[1] * k
+                im = ax.imshow(shown, cmap=cmap, norm=norm, interpolation="nearest",
                                extent=(c_a * sp_px, c_b * sp_px, r_b * sp_px, r_a * sp_px))
                 if zoomed and ctx.spots is not None:
                     _circles(ax, ctx.spots.obsm["spatial"], None, ctx.spot_d, cmap, norm,

@@ -124,7 +124,10 @@ class IStar(SuperpixelMethod):
             for i in have:
                 spot_cells.append(inv[F.indptr[i] : F.indptr[i + 1]] + offset)
             # one (spots x genes) array per section, no per-spot copies: whole slides
-            dens.append(sec.dense_counts(self.genes_)[have] / n[have, None])
+            d = sec.dense_counts(self.genes_)
+            d = d[have] if len(have) < len(d) else d
+            d /= n[have, None]  # in place: a 40,000 px slide's spots x genes is 172 MB
+            dens.append(d)
             offset += len(uniq)
         if not spot_cells:
             raise InputError("istar: no training spot has a footprint on the superpixel grid")
