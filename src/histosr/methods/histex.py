@@ -113,12 +113,15 @@ def build_model(d_in: int, n_genes: int, embed_dim: int, heads: int, n_blocks: i
                 A = torch.softmax((Q * (1.0 / math.sqrt(hd))) @ K.transpose(-2, -1), dim=-1)
             else:
                 A = torch.softmax(Q @ (K * (1.0 / math.sqrt(hd))).transpose(-2, -1), dim=-1)
-            if heads * tk >= embed_dim:
+            # few keys (5-6 gene-context rows) and many queries per row: out = sum_h A_h
+            # (V_h Wo_h) + b, each head's values pushed through its slice of the output
+            # layer once per row (heads * tk * hd * E), then heads * tk instead of E
+            # multiply-adds per query and output. With one query per row (the selected
+            # footprint tokens, keys gathered per token) that product would be built per
+            # token: (n, heads, tk, E), 1 GB for 21k DeepHEx tokens; then the plain path.
+            if heads * tk >= embed_dim or tq * (embed_dim - heads * tk) <= heads * tk * hd:
                 o = (A @ V).transpose(1, 2).reshape(n, tq, embed_dim)
                 return self.out(o)
-            # few keys (5-6 gene-context rows): out = sum_h A_h (V_h Wo_h) + b, with each
-            # head's values pushed through its slice of the output layer first, costs
-            # heads * tk (40) instead of embed_dim (128) multiply-adds per query and output
             Wo = self.out.weight.t().reshape(heads, hd, embed_dim)
             VW = (V @ Wo).reshape(n, heads * tk, embed_dim)  # (n, heads * tk, E)
             return A.transpose(1, 2).reshape(n, tq, heads * tk) @ VW + self.out.bias
