@@ -65,6 +65,12 @@ def test_streamed_prediction_equals_in_memory(fitted, tmp_path, monkeypatch, ban
     np.testing.assert_allclose(gene_values(sp.kept, keep[1]), mem[:, keep[1]].X.ravel(),
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(sp.kept.obsm["spatial"], mem.obsm["spatial"])
+    # previews read it as an 8 um map, as they read the in-memory prediction
+    from histosr.pl import PreviewContext
+
+    assert outputs.is_superpixel(sp.kept) and outputs.is_superpixel(mem)
+    assert sp.kept.uns["histosr"]["scale"] == mem.uns["histosr"]["scale"]
+    assert PreviewContext(sp.kept).superpixel
     full = sp.kept.to_anndata()
     assert list(full.obs_names) == list(mem.obs_names)
     assert full.uns["histosr"]["grid_shape"] == list(mem.uns["histosr"]["grid_shape"])

@@ -149,8 +149,12 @@ class KeptMaps:
     X: np.ndarray  # (n_obs, n_genes) float32, counts per 8 um superpixel
     obs: pd.DataFrame  # row, col (int32) superpixel grid indices
     var: pd.DataFrame
-    uns: dict
+    info: dict  # what the file's uns["histosr"] holds (method, scale, grid_shape, ...)
     grid: object  # histosr.grid.Grid
+
+    @property
+    def uns(self) -> dict:
+        return {"histosr": self.info}
 
     @property
     def n_obs(self) -> int:
@@ -167,7 +171,7 @@ class KeptMaps:
 
     def to_anndata(self) -> ad.AnnData:
         a = superpixel_anndata(self.X, self.obs["row"].to_numpy(), self.obs["col"].to_numpy(),
-                               self.grid, list(self.var.index), self.uns)
+                               self.grid, list(self.var.index), self.info)
         a.var = self.var.copy()
         return a
 
