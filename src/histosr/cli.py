@@ -146,14 +146,20 @@ def _fit_stain(args):
     :attr:`histosr.stain.StainNormalizer.record`), or None (no normalisation, the default)."""
     from .stain import check_stain, record_target
 
-    method = args.stain_norm or ("macenko" if args.stain_ref else "none")
+    method = _stain_method(args)
     check_stain(method, args.stain_ref)
-    if method == "none":
-        if args.stain_ref:
-            raise InputError("--stain-ref needs a stain normalisation: give --stain-norm "
-                             "macenko or reinhard (or drop --stain-ref)")
-        return None
-    return record_target(method, args.stain_ref or "builtin")
+    return None if method == "none" else record_target(method, args.stain_ref or "builtin")
+
+
+def _stain_method(args, recorded: dict | None = None) -> str:
+    """``--stain-norm``, else the model's recorded method, else macenko when only
+    ``--stain-ref`` is given, else "none" (a reference without a method is an error)."""
+    method = args.stain_norm or (recorded["method"] if recorded else
+                                 "macenko" if args.stain_ref else "none")
+    if method == "none" and args.stain_ref:
+        raise InputError("--stain-ref needs a stain normalisation: give --stain-norm "
+                         "macenko or reinhard (or drop --stain-ref)")
+    return method
 
 
 def _predict_stain(args, model):
@@ -164,12 +170,8 @@ def _predict_stain(args, model):
 
     check_stain(args.stain_norm, args.stain_ref)
     recorded = getattr(model, "stain_norm_", None)
-    method = args.stain_norm or (recorded["method"] if recorded else
-                                 "macenko" if args.stain_ref else "none")
+    method = _stain_method(args, recorded)
     if method == "none":
-        if args.stain_ref:
-            raise InputError("--stain-ref needs a stain normalisation: give --stain-norm "
-                             "macenko or reinhard (or drop --stain-ref)")
         return "none", None
     if args.stain_ref:
         return method, args.stain_ref
@@ -277,11 +279,12 @@ def _warn_unfitted(method, wanted: list[str]) -> list[str]:
     return have
 
 
-def _predict_image(args, method) -> int:
+def _predict_image(args, method, stain: tuple) -> int:
     """H&E-only prediction: a section built from ``--image`` alone (tissue mask, then a hex
     spot lattice or the 8 um superpixels), predicted by a saved image-only model. At
     superpixels a blockwise model streams to disk (:func:`histosr.outputs.
-    stream_spot_prediction`); any other prediction is held in memory, after a size check."""
+    stream_spot_prediction`); any other prediction is held in memory, after a size check.
+    ``stain``: ``(method, ref)`` from :func:`_predict_stain`."""
     from .image import open_image
     from .image_only import section_from_image
     from .methods.base import check_prediction_size
@@ -320,7 +323,7 @@ def _predict_image(args, method) -> int:
     from .stain import normalize_section
 
     # the tissue mask is found on the raw pixels; every crop the model reads is normalised
-    section = normalize_section(section, *_predict_stain(args, method), seed=0)
+    section = normalize_section(section, *stain, seed=0)
     out = Path(args.out)
     show = _warn_unfitted(method, _genes_arg(args))
     if stream:  # written block by block: the superpixels x genes never sit in memory
@@ -360,7 +363,7 @@ def cmd_predict(args) -> int:
     method = load_method(args.model, progress=not args.quiet)  # a bad folder fails first
     stain = _predict_stain(args, method)  # a bad --stain-norm/--stain-ref fails here
     if args.section is None:
-        return _predict_image(args, method)
+        return _predict_image(args, method, stain)
     from .stain import normalize_section
 
     section = normalize_section(_read(args), *stain, seed=0)
