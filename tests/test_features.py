@@ -238,6 +238,25 @@ def test_temporary_output_and_roundtrip(sec, tmp_path, monkeypatch):
     np.testing.assert_array_equal(loaded.gather(r[:50], c[:50]), arr(fm)[r[:50], c[:50]])
 
 
+def test_gather_reads_bounded_bands(sec, tmp_path, monkeypatch):
+    """gather reads whole zarr chunk rows of about _GATHER_BYTES: the same cells, in the
+    order asked, whatever the band (a tiny budget forces one chunk row per read)."""
+    from histosr.features import featuremap
+
+    fm = compute(sec, out=tmp_path / "b.zarr", tile_sp=8, progress=False, tissue_only=False)
+    loaded = FeatureMap.load(tmp_path / "b.zarr")
+    step = loaded.features.chunks[0]
+    monkeypatch.setattr(featuremap, "_GATHER_BYTES", 1)
+    assert loaded._gather_band() == step
+    rng = np.random.default_rng(0)
+    h, w = loaded.shape
+    r, c = rng.integers(0, h, 500), rng.integers(0, w, 500)
+    np.testing.assert_array_equal(loaded.gather(r, c), arr(fm)[r, c].astype(np.float32))
+    monkeypatch.setattr(featuremap, "_GATHER_BYTES", 2**40)
+    assert loaded._gather_band() >= h
+    np.testing.assert_array_equal(loaded.gather(r, c), arr(fm)[r, c].astype(np.float32))
+
+
 def test_given_mask(sec, tmp_path):
     m = np.zeros(grid_for(sec).shape, bool)
     m[20:30, 20:30] = True

@@ -102,6 +102,35 @@ def test_pcc_log_cp10k_blocks_equal_whole(monkeypatch):
     assert not np.allclose(metrics.pcc_log_cp10k(a[:, :7], b[:, :7]), want[:7])
 
 
+def test_columns_blocks_equal_whole():
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from histosr.arrays import columns
+
+    x = np.random.default_rng(1).poisson(0.7, (57, 9)).astype(np.float32)
+    genes = ["g3", "g0", "g8"]
+    for m in (x, sp.csr_matrix(x)):
+        a = ad.AnnData(m, var=pd.DataFrame(index=[f"g{k}" for k in range(9)]))
+        for block in (1, 8, 1000):
+            got = columns(a, genes, block=block)
+            assert got.dtype == np.float64
+            np.testing.assert_array_equal(got, x[:, [3, 0, 8]])
+
+
+def test_minmax_overwrite_same_values():
+    from histosr.methods.scaling import minmax
+
+    y = np.random.default_rng(2).gamma(2.0, 3.0, (40, 6))
+    y[:, 2] = 5.0  # a constant column keeps scale 1
+    want = minmax(y.copy())
+    got = minmax(y, overwrite=True)
+    for a, b in zip(want, got):
+        np.testing.assert_array_equal(a, b)
+    assert got[0].dtype == np.float32 and got[0][:, 2].max() == 0.0
+
+
 def test_column_stats_blocks_equal_whole():
     import scipy.sparse as sp
 

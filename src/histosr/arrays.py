@@ -38,14 +38,23 @@ def gene_values(adata, gene: str, dtype=np.float64) -> np.ndarray:
     return dense(adata.X[:, j], dtype).reshape(-1)
 
 
-def columns(adata, genes, dtype=np.float64, layer: str | None = None) -> np.ndarray:
+def columns(adata, genes, dtype=np.float64, layer: str | None = None,
+            block: int = 2048) -> np.ndarray:
     """(n_obs, len(genes)) dense values of ``genes`` in the order given (of ``layer``, else
-    of X)."""
+    of X). Filled in blocks of ``block`` rows: no second (n_obs x genes) copy in the stored
+    dtype next to the result (a whole slide's 21,540 spots x 1000 genes: 86 MB)."""
     idx = adata.var_names.get_indexer(list(genes))
     if (idx < 0).any():
         missing = [g for g, i in zip(genes, idx) if i < 0][:5]
         raise KeyError(f"genes not in the AnnData: {missing}")
-    return dense((adata.X if layer is None else adata.layers[layer])[:, idx], dtype)
+    x = adata.X if layer is None else adata.layers[layer]
+    n = x.shape[0]
+    if n <= block:
+        return dense(x[:, idx], dtype)
+    out = np.empty((n, len(idx)), dtype=dtype)
+    for a in range(0, n, block):
+        out[a : a + block] = dense(x[a : a + block][:, idx], dtype)
+    return out
 
 
 def column_stats(x, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:

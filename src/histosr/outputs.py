@@ -229,7 +229,7 @@ def stream_prediction(method, section, features, h5ad: str | Path | None = None,
     n = int(mask.sum())
     G = len(genes)
     rows = band_rows(w, G)
-    uns = method.superpixel_uns(section, features, use_cons, post.calibrate)
+    info = method.superpixel_uns(section, features, use_cons, post.calibrate)
     v = pd.DataFrame(index=pd.Index(genes))
     if var is not None:
         v = v.join(var.reindex(v.index))
@@ -251,7 +251,7 @@ def stream_prediction(method, section, features, h5ad: str | Path | None = None,
         zunc = create_zarr_array(root, "uncertainty", (len(mgenes), h, w), chunks, "f4") \
             if with_unc else None
     try:
-        sink = PredictionSink(h5ad, n, v, uns, grid, section, images, keep)
+        sink = PredictionSink(h5ad, n, v, info, grid, section, images, keep)
         for r0 in tqdm(range(0, h, rows), desc="predict", disable=not progress):
             r1 = min(r0 + rows, h)
             rr, cc = np.nonzero(mask[r0:r1])
@@ -294,13 +294,14 @@ class PredictionSink:
     h5ad of :func:`_h5ad_skeleton` (optional: ``h5ad=None`` writes no file), the per-gene
     sum and max over the observations and the ``keep`` genes' columns (in memory). The
     file appears atomically (temp + rename) at :meth:`finish`; :meth:`close` after a
-    failure removes the temp file. ``uns``: ``uns["histosr"]`` (``grid_shape`` added);
+    failure removes the temp file. ``info``: what ``uns["histosr"]`` holds (``grid_shape``
+    added);
     ``grid``: the 8 um grid of the observations' ``row``/``col``."""
 
-    def __init__(self, h5ad: str | Path | None, n: int, var: pd.DataFrame, uns: dict, grid,
+    def __init__(self, h5ad: str | Path | None, n: int, var: pd.DataFrame, info: dict, grid,
                  section=None, images: dict | None = None, keep=()):
         genes = list(var.index)
-        self.n, self.var, self.uns, self.grid = int(n), var.copy(), uns, grid
+        self.n, self.var, self.info, self.grid = int(n), var.copy(), info, grid
         self.keep = [g for g in dict.fromkeys(keep or ()) if g in genes]
         self.kidx = np.array([genes.index(g) for g in self.keep], dtype=np.int64)
         self.kept_vals = np.zeros((self.n, len(self.keep)), np.float32)
@@ -312,7 +313,7 @@ class PredictionSink:
         if self.h5ad is not None:
             self.h5ad.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = self.h5ad.with_name(self.h5ad.name + ".tmp.h5ad")
-            self.f = _h5ad_skeleton(self.tmp, self.n, self.var, uns, grid, section, images)
+            self.f = _h5ad_skeleton(self.tmp, self.n, self.var, info, grid, section, images)
 
     def add(self, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, names=None,
             xy: np.ndarray | None = None) -> None:
@@ -362,7 +363,7 @@ class PredictionSink:
             kept = KeptMaps(self.kept_vals, pd.DataFrame({"row": self.kept_r,
                                                           "col": self.kept_c}),
                             v.loc[self.keep].copy(),
-                            {**self.uns, "grid_shape": list(self.grid.shape)}, self.grid)
+                            {**self.info, "grid_shape": list(self.grid.shape)}, self.grid)
         return v, kept
 
     def close(self) -> None:
@@ -375,7 +376,7 @@ class PredictionSink:
             self.tmp = None
 
 
-def stream_spot_prediction(method, section, h5ad: str | Path, uns: dict | None = None,
+def stream_spot_prediction(method, section, h5ad: str | Path, info: dict | None = None,
                            images: dict | None = None, keep=(),
                            progress: bool = True) -> StreamedPrediction:
     """``method.predict(section)`` of a spot-level method (:attr:`~histosr.methods.spot.
@@ -386,7 +387,7 @@ def stream_spot_prediction(method, section, h5ad: str | Path, uns: dict | None =
     holding the points x genes prediction in memory: X (log1p CP10k) a chunked dense HDF5
     dataset (``anndata.read_h5ad`` whole or ``backed="r"``), ``obs`` the section's ids and
     row/col, ``obsm["spatial"]`` the points (full-res px, x = column, y = row), scanpy's
-    ``uns["spatial"]``; ``var`` gets :data:`PRED_MEAN` and :data:`PRED_MAX`. ``uns``: added
+    ``uns["spatial"]``; ``var`` gets :data:`PRED_MEAN` and :data:`PRED_MAX`. ``info``: added
     to ``uns["histosr"]``. Temporary files (section-wide crop features for
     ``standardize="section"``) go to ``<h5ad>.scratch`` beside it and are removed; the file
     appears atomically. ``keep``: genes returned in memory (:class:`KeptMaps`, previews)."""
@@ -411,7 +412,7 @@ def stream_spot_prediction(method, section, h5ad: str | Path, uns: dict | None =
     block = band_points(method.point_bytes())
     h5ad = Path(h5ad)
     scratch = h5ad.with_name(h5ad.name + ".scratch")
-    info = {**method.prediction_uns(section), **(uns or {})}
+    info = {**method.prediction_uns(section), **(info or {})}
     sink = None
     try:
         sink = PredictionSink(h5ad, n, pd.DataFrame(index=pd.Index(genes)), info, grid,
@@ -432,7 +433,7 @@ def stream_spot_prediction(method, section, h5ad: str | Path, uns: dict | None =
     return StreamedPrediction(h5ad, None, n, v, kept, False)
 
 
-def _h5ad_skeleton(path: Path, n: int, var: pd.DataFrame, uns: dict, grid, section, images):
+def _h5ad_skeleton(path: Path, n: int, var: pd.DataFrame, info: dict, grid, section, images):
     """An open (r+) h5ad whose ``X`` (n, G), ``obs`` (index, row, col) and
     ``obsm["spatial"]`` are full-length datasets to fill: anndata writes a one-row
     AnnData (its own encoding of every element), then each per-observation dataset is
@@ -440,7 +441,7 @@ def _h5ad_skeleton(path: Path, n: int, var: pd.DataFrame, uns: dict, grid, secti
     import h5py
 
     one = superpixel_anndata(np.zeros((1, len(var)), np.float32), np.zeros(1, np.int64),
-                             np.zeros(1, np.int64), grid, list(var.index), uns)
+                             np.zeros(1, np.int64), grid, list(var.index), info)
     one.var = var.copy()
     if section is not None:
         add_spatial(one, section, images=images)

@@ -365,9 +365,13 @@ class CrossAttentionSR(SuperpixelMethod):
         self.window_half_ = int(half)
         self.extra_channels_ = self._extra_channels(features[0])
         self.feat_mean_, self.feat_std_ = feature_stats(X, self.standardize)
-        X = np.concatenate([(X - self.feat_mean_) / self.feat_std_,
-                            np.zeros((1, X.shape[1]), np.float32)]).astype(np.float32)
-        Y, self.target_min_, self.target_scale_ = minmax(dens)
+        # z-scored features plus the padding token's zero row, written once (no copies)
+        Xs = np.zeros((len(X) + 1, X.shape[1]), np.float32)
+        np.subtract(X, self.feat_mean_, out=Xs[:-1])
+        Xs[:-1] /= self.feat_std_
+        X = Xs
+        del Xs
+        Y, self.target_min_, self.target_scale_ = minmax(dens, overwrite=True)
 
         n_spots, G, d_in = len(spot_cells), Y.shape[1], X.shape[1]
         self.in_dim_, self.n_train_spots_ = int(d_in), int(n_spots)

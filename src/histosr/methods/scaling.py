@@ -17,12 +17,20 @@ def feature_stats(X: np.ndarray, standardize: bool = True) -> tuple[np.ndarray, 
     return mu.astype(np.float32), sd.astype(np.float32)
 
 
-def minmax(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def minmax(Y: np.ndarray, overwrite: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-column min-max scaling: (float32 Y in [0, 1], float32 min, float32 scale); a
-    constant column keeps scale 1. ``Y01 * scale + min`` undoes it."""
+    constant column keeps scale 1. ``Y01 * scale + min`` undoes it. ``overwrite=True``
+    scales a float ndarray ``Y`` in place before the float32 cast (same values, no
+    temporaries of Y's size: a whole slide's spots x genes float64 is 172 MB)."""
     lo, hi = Y.min(axis=0), Y.max(axis=0)
     scale = np.where(hi - lo > 0, hi - lo, 1.0)
-    return ((Y - lo) / scale).astype(np.float32), lo.astype(np.float32), scale.astype(np.float32)
+    if overwrite and isinstance(Y, np.ndarray) and Y.dtype.kind == "f":
+        Y -= lo
+        Y /= scale
+        out = Y.astype(np.float32)
+    else:
+        out = ((Y - lo) / scale).astype(np.float32)
+    return out, lo.astype(np.float32), scale.astype(np.float32)
 
 
 __all__ = ["feature_stats", "minmax"]
