@@ -119,6 +119,23 @@ def test_columns_blocks_equal_whole():
             np.testing.assert_array_equal(got, x[:, [3, 0, 8]])
 
 
+def test_add_sparse_product_same_values():
+    import scipy.sparse as sp
+
+    from histosr.arrays import add_sparse_product
+
+    rng = np.random.default_rng(3)
+    A = sp.random(30, 50, density=0.05, random_state=4, format="csc")
+    B = rng.normal(size=(50, 7)).astype(np.float32)
+    out = rng.normal(size=(30, 7))
+    want = out + A @ B
+    got = add_sparse_product(out, A, B)
+    assert got is out
+    np.testing.assert_array_equal(got, want)
+    empty = np.diff(A.tocsr().indptr) == 0
+    assert empty.any()
+
+
 def test_minmax_overwrite_same_values():
     from histosr.methods.scaling import minmax
 

@@ -31,6 +31,8 @@ K_SPOTS = 6
 POWER = 2.0
 #: superpixels predicted at once when the prediction is summed or streamed (x genes x 8 B)
 CELL_BLOCK = 8192
+# spots per block of the factor computation
+_SPOT_BLOCK = 2048
 
 
 @dataclass
@@ -51,6 +53,8 @@ class ConsistencyScaler:
         ``calibrator``, a :class:`histosr.calibration.DetailCalibrator`, when given),
         predicted ``block`` superpixels at a time (default :data:`CELL_BLOCK`): memory is
         bounded by the block, not by the cells the spots cover."""
+        from .arrays import add_sparse_product
+
         block = block or CELL_BLOCK
         grid = features.grid
         F = section_footprints(section, grid)
@@ -64,7 +68,7 @@ class ConsistencyScaler:
             if calibrator is not None:
                 pred = calibrator.apply(pred, blk)
             pred = pred.astype(np.float64)
-            sums += Fc[:, i : i + block] @ pred
+            add_sparse_product(sums, Fc[:, i : i + block], pred)
             total += pred.sum(axis=0)
         measured = section.dense_counts(method.genes_)
         return cls._from_sums(grid, section.spot_footprints(), sums,
@@ -87,9 +91,14 @@ class ConsistencyScaler:
         superpixel (G,) and each footprint's number of superpixels (n_spots,)."""
         # a gene predicted as zero everywhere gets a flat floor (any constant: it is rescaled)
         floor = np.where(mean > 1e-8, FLOOR * mean, 1.0)
-        sums = sums + n_cells[:, None] * floor[None, :]  # = F @ (pred + floor)
-        factors = measured / np.maximum(sums, 1e-12)
-        return cls(grid, footprints, factors.astype(np.float32), floor.astype(np.float32),
+        # in blocks of spots: no (spots x genes) float64 temporaries (172 MB each on a
+        # 21,540-spot slide), same values
+        factors = np.empty(sums.shape, dtype=np.float32)
+        for a in range(0, len(sums), _SPOT_BLOCK):
+            b = a + _SPOT_BLOCK
+            s = sums[a:b] + n_cells[a:b, None] * floor[None, :]  # = F @ (pred + floor)
+            factors[a:b] = measured[a:b] / np.maximum(s, 1e-12)
+        return cls(grid, footprints, factors, floor.astype(np.float32),
                    diameter_um, None if inside is None else np.sort(np.asarray(inside)))
 
     def _disks(self):

@@ -492,6 +492,7 @@ class SuperpixelMethod(Method):
         """(n_footprints, G) float32 sums of the prediction over the rows of the footprint
         matrix ``F`` (n_footprints, n_grid_cells), predicted a block of superpixels at a
         time: memory grows with the footprints, not with the cells they cover."""
+        from ..arrays import add_sparse_product
         from ..consistency import CELL_BLOCK
 
         post = post if post is not None else PostSteps(None, None)
@@ -500,8 +501,8 @@ class SuperpixelMethod(Method):
         X = np.zeros((F.shape[0], len(self.genes_)), dtype=np.float64)
         for i in range(0, len(cells), CELL_BLOCK):
             blk = cells[i : i + CELL_BLOCK]
-            X += Fc[:, i : i + CELL_BLOCK] @ self.predict_cells(section, features, blk,
-                                                                post=post)
+            add_sparse_product(X, Fc[:, i : i + CELL_BLOCK],
+                               self.predict_cells(section, features, blk, post=post))
         return X.astype(np.float32)
 
     def uncertainty_cells(self, section, features, flat_cells: np.ndarray) -> np.ndarray | None:
