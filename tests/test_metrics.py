@@ -136,6 +136,20 @@ def test_add_sparse_product_same_values():
     assert empty.any()
 
 
+def test_feature_stats_in_column_blocks_same_values():
+    from histosr.methods.scaling import feature_stats
+
+    rng = np.random.default_rng(5)
+    for d in (3, 17, 63, 66):  # last blocks of 1 and 2 columns merge into the one before
+        X = (rng.gamma(2, 3, (5000, d)) * rng.uniform(0.1, 100, d)).astype(np.float32)
+        X[:, 0] = 7.0  # constant: std 1
+        mu, sd = feature_stats(X)
+        want = X.std(axis=0)
+        want[want < 1e-6] = 1.0
+        np.testing.assert_array_equal(mu, X.mean(axis=0))
+        np.testing.assert_array_equal(sd, want)
+
+
 def test_minmax_overwrite_same_values():
     from histosr.methods.scaling import minmax
 

@@ -384,3 +384,21 @@ def test_scanpy_draws_real_outputs(case, data_dir, tmp_path):
     for f in ("prediction.h5ad", "prediction_spots.h5ad", "dense/densified.h5ad",
               "image_only.h5ad"):
         _check_spatial_plot(tmp_path / f, genes[0])
+
+
+def test_stage_records_peak_then_releases_heap(tmp_path, monkeypatch):
+    """Each stage records the peak RSS and then hands freed heap back (so one stage's
+    temporaries do not stay resident through the next), also when the stage fails."""
+    from histosr import report
+
+    calls = []
+    monkeypatch.setattr(report, "release_heap", lambda: calls.append(1))
+    rep = RunReport("t", tmp_path)
+    with rep.stage("a"):
+        pass
+    with pytest.raises(RuntimeError), rep.stage("b"):
+        raise RuntimeError("boom")
+    assert len(calls) == 2 and set(rep.stage_rss_mb) == {"a", "b"}
+    assert all(v > 0 for v in rep.stage_rss_mb.values())
+    monkeypatch.undo()
+    report.release_heap()  # the real one runs on any platform (a no-op without glibc)

@@ -105,7 +105,7 @@ class ImageSource:
         if level > 0:
             cache[max_side] = self._thumbnail_from_level(level, f)
             return cache[max_side]
-        # strips of at most ~64 MB, a multiple of f rows (each keeps the same phase)
+        # strips of at most THUMB_STRIP_BYTES, a multiple of f rows (each keeps the same phase)
         strip = max(f, (THUMB_STRIP_BYTES // (3 * max(W, 1))) // f * f)
         rows = []
         for y in range(0, H, strip):
@@ -148,7 +148,7 @@ class ImageSource:
 
 
 #: full-resolution bytes read at once by :meth:`ImageSource.thumbnail`
-THUMB_STRIP_BYTES = 64 << 20
+THUMB_STRIP_BYTES = 16 << 20
 
 
 def thumbnail_factor(shape, max_side: int) -> int:

@@ -156,7 +156,7 @@ def superpixel_stats(image, um_per_px: float, band_sp: int = 64, grey: bool = Tr
             im = Image.fromarray(raw).resize((c1 - c0, r1 - r0), Image.BOX, box=box)
             out[r0:r1, c0:c1] = np.asarray(im, dtype=np.float32)
             if grey:
-                g = raw.astype(np.float32).mean(axis=2)
+                g = raw.mean(axis=2, dtype=np.float32)  # no float32 RGB copy of the tile
                 g2 = Image.fromarray(g * g).resize((c1 - c0, r1 - r0), Image.BOX, box=box)
                 g1 = Image.fromarray(g).resize((c1 - c0, r1 - r0), Image.BOX, box=box)
                 var[r0:r1, c0:c1] = np.asarray(g2) - np.asarray(g1) ** 2

@@ -5,14 +5,28 @@ from __future__ import annotations
 
 import numpy as np
 
+#: feature columns per block of feature_stats (bounds its temporaries)
+_STATS_COLS = 16
+
 
 def feature_stats(X: np.ndarray, standardize: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """float32 (mean, std) per column of ``X`` for z-scoring (a column with std < 1e-6 keeps
     std 1); ``standardize=False``: zeros and ones (the features are used as they are)."""
     X = np.asarray(X)
+    d = X.shape[-1]
     if not standardize:
-        return np.zeros(X.shape[-1], np.float32), np.ones(X.shape[-1], np.float32)
-    mu, sd = X.mean(axis=0), X.std(axis=0)
+        return np.zeros(d, np.float32), np.ones(d, np.float32)
+    if X.ndim != 2:
+        raise ValueError(f"feature_stats expects (rows, features), got shape {X.shape}")
+    # a few columns at a time: std's (X - mean) temporary is (rows x 16), not X's size (200 MB
+    # for a whole slide's footprint superpixels); blocks of >= 4 columns reduce row by row
+    # like the whole array does (the same numbers)
+    edges = list(range(0, d, _STATS_COLS))
+    if len(edges) > 1 and d - edges[-1] < 4:
+        edges.pop()
+    edges.append(d)
+    mu = np.concatenate([X[:, a:b].mean(axis=0) for a, b in zip(edges[:-1], edges[1:])])
+    sd = np.concatenate([X[:, a:b].std(axis=0) for a, b in zip(edges[:-1], edges[1:])])
     sd[sd < 1e-6] = 1.0
     return mu.astype(np.float32), sd.astype(np.float32)
 
