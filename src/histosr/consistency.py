@@ -35,6 +35,19 @@ CELL_BLOCK = 8192
 _SPOT_BLOCK = 2048
 
 
+class _MeasuredRows:
+    """A section's measured counts of ``genes`` as float64, read a block of spots per row
+    slice (no whole spots x genes float64 copy: 172 MB for 21,540 spots x 1000 genes)."""
+
+    def __init__(self, counts, genes):
+        from .arrays import columns
+
+        self.counts, self.genes, self.columns = counts, list(genes), columns
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return self.columns(self.counts[rows], self.genes)
+
+
 @dataclass
 class ConsistencyScaler:
     grid: Grid
@@ -70,7 +83,7 @@ class ConsistencyScaler:
             pred = pred.astype(np.float64)
             add_sparse_product(sums, Fc[:, i : i + block], pred)
             total += pred.sum(axis=0)
-        measured = section.dense_counts(method.genes_)
+        measured = _MeasuredRows(section.counts, method.genes_)  # read a block at a time
         return cls._from_sums(grid, section.spot_footprints(), sums,
                               total / max(len(cells), 1), np.asarray(Fc.sum(axis=1)).ravel(),
                               measured, section.spot_diameter_um, cells)
@@ -88,7 +101,8 @@ class ConsistencyScaler:
     def _from_sums(cls, grid, footprints, sums, mean, n_cells, measured, diameter_um,
                    inside) -> ConsistencyScaler:
         """From each footprint's predicted sums (n_spots, G), the mean predicted value per
-        superpixel (G,) and each footprint's number of superpixels (n_spots,)."""
+        superpixel (G,) and each footprint's number of superpixels (n_spots,); ``measured``:
+        (n_spots, G) counts, anything whose row slices give float64 arrays."""
         # a gene predicted as zero everywhere gets a flat floor (any constant: it is rescaled)
         floor = np.where(mean > 1e-8, FLOOR * mean, 1.0)
         # in blocks of spots: no (spots x genes) float64 temporaries (172 MB each on a
