@@ -20,3 +20,27 @@ def test_consistency_makes_footprint_sums_equal_measured():
     row = F[0, cells].toarray().ravel() > 0
     ratio = out[row, 0] / (pred[row, 0] + sc.floor[0])
     np.testing.assert_allclose(ratio, ratio[0], rtol=1e-5)
+
+
+def test_from_method_in_blocks_equals_fit_on_the_whole_prediction(monkeypatch):
+    """The streamed factors (superpixel blocks added into the footprints they touch, spots
+    and measured counts read a block at a time) equal the factors fitted on the whole
+    footprint prediction held in memory."""
+    from histosr import consistency
+    from histosr.geometry import section_footprints
+    from histosr.methods import get_method
+    from test_methods import FAST, make_synthetic
+
+    sec, fm, _ = make_synthetic(seed=1)
+    m = get_method("istar", **{**FAST, "epochs": 2}).fit([sec], [fm])
+    F = section_footprints(sec, fm.grid)
+    cells = np.unique(F.indices)
+    pred = m._predict_cells(sec, fm, cells)
+    whole = ConsistencyScaler.fit(fm.grid, sec.spot_footprints(), F[:, cells], pred,
+                                  sec.dense_counts(m.genes_), sec.spot_diameter_um, cells)
+    monkeypatch.setattr(consistency, "_SPOT_BLOCK", 7)  # several blocks of spots
+    streamed = ConsistencyScaler.from_method(m, sec, fm, block=50)  # and of superpixels
+    assert len(cells) > 50 and sec.n_spots > 7
+    np.testing.assert_allclose(streamed.factors, whole.factors, rtol=1e-6)
+    np.testing.assert_allclose(streamed.floor, whole.floor, rtol=1e-6)
+    np.testing.assert_array_equal(streamed.inside, whole.inside)
