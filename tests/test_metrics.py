@@ -150,6 +150,20 @@ def test_feature_stats_in_column_blocks_same_values():
         np.testing.assert_array_equal(sd, want)
 
 
+def test_minmax_rows_blockwise_same_values():
+    import pytest
+
+    from histosr.methods.scaling import minmax, minmax_rows
+
+    y = np.random.default_rng(6).gamma(2.0, 3.0, (50, 5))
+    y[:, 1] = 2.5
+    blocks = lambda: (y[a : a + 8] for a in range(0, 50, 8))  # noqa: E731
+    for a, b in zip(minmax(y), minmax_rows(blocks, 50)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="expected 51"):
+        minmax_rows(blocks, 51)
+
+
 def test_minmax_overwrite_same_values():
     from histosr.methods.scaling import minmax
 

@@ -15,10 +15,12 @@ from ..errors import InputError
 from ..geometry import section_footprints
 from ..params import DEVICE, Interval, Options
 from .base import SuperpixelMethod, register_method
-from .scaling import FootprintSampler, feature_stats, minmax
+from .scaling import FootprintSampler, feature_stats, minmax_rows
 
 # Upper bound on the (states x cells x genes) float32 block predicted at once.
 _PREDICT_BUDGET_BYTES = 2**27
+# training spots whose targets are read at once
+_SPOT_BLOCK = 2048
 
 
 def _build_mlp(d_in: int, n_genes: int, hidden: int, n_layers: int):
@@ -110,9 +112,9 @@ class IStar(SuperpixelMethod):
 
     # -- training -------------------------------------------------------------------------
     def _training_data(self, sections, features):
-        """Per training spot: indices of its footprint cells into one feature matrix, and
-        its counts per superpixel."""
-        blocks, spot_cells, dens = [], [], []
+        """Per training spot: indices of its footprint cells into one feature matrix; per
+        section, its training spots and their footprint sizes (for :meth:`_density`)."""
+        blocks, spot_cells, spots = [], [], []
         offset = 0
         for sec, fm in zip(sections, features):
             F = section_footprints(sec, fm.grid)
@@ -123,11 +125,7 @@ class IStar(SuperpixelMethod):
             have = np.flatnonzero(n > 0)
             for i in have:
                 spot_cells.append(inv[F.indptr[i] : F.indptr[i + 1]] + offset)
-            # one (spots x genes) array per section, no per-spot copies: whole slides
-            d = sec.dense_counts(self.genes_)
-            d = d[have] if len(have) < len(d) else d
-            d /= n[have, None]  # in place: a 40,000 px slide's spots x genes is 172 MB
-            dens.append(d)
+            spots.append((sec, have, n[have]))
             offset += len(uniq)
         if not spot_cells:
             raise InputError("istar: no training spot has a footprint on the superpixel grid")
@@ -135,17 +133,29 @@ class IStar(SuperpixelMethod):
         # features on a 40,000 px slide)
         X = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
         del blocks
-        return X, spot_cells, np.concatenate(dens) if len(dens) > 1 else dens[0]
+        return X, spot_cells, spots
+
+    def _density(self, spots):
+        """Float64 blocks of the training spots' counts per footprint superpixel, in
+        training order, a block of spots at a time (a 40,000 px slide's 21,540 spots x 1000
+        genes would be 172 MB at once)."""
+        from ..arrays import columns
+
+        for sec, have, n in spots:
+            for a in range(0, len(have), _SPOT_BLOCK):
+                d = columns(sec.counts[have[a : a + _SPOT_BLOCK]], self.genes_)
+                d /= n[a : a + _SPOT_BLOCK, None]
+                yield d
 
     def _fit(self, sections, features) -> None:
         import torch
 
-        X, spot_cells, dens = self._training_data(sections, features)
+        X, spot_cells, spots = self._training_data(sections, features)
         self.feat_mean_, self.feat_std_ = feature_stats(X, self.standardize)
         X -= self.feat_mean_  # in place: same values as (X - mean) / std, no copies
         X /= self.feat_std_
-        Y, self.target_min_, self.target_scale_ = minmax(dens, overwrite=True)
-        del dens  # float64: twice Y's size
+        Y, self.target_min_, self.target_scale_ = minmax_rows(lambda: self._density(spots),
+                                                              len(spot_cells))
 
         n_spots, n_genes, d_in = len(spot_cells), Y.shape[1], X.shape[1]
         self.in_dim_, self.n_train_spots_ = int(d_in), int(n_spots)

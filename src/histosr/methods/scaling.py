@@ -47,7 +47,28 @@ def minmax(Y: np.ndarray, overwrite: bool = False) -> tuple[np.ndarray, np.ndarr
     return out, lo.astype(np.float32), scale.astype(np.float32)
 
 
-__all__ = ["feature_stats", "minmax"]
+def minmax_rows(row_blocks, n_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`minmax` of the rows that ``row_blocks()`` yields, block after block (called
+    twice: min/max, then the scaled float32 rows), so only the float32 result is held
+    whole: no float64 (rows x columns) copy. The same numbers as ``minmax`` of the stacked
+    blocks."""
+    lo = hi = None
+    for b in row_blocks():
+        bl, bh = b.min(axis=0), b.max(axis=0)
+        lo = bl if lo is None else np.minimum(lo, bl)
+        hi = bh if hi is None else np.maximum(hi, bh)
+    scale = np.where(hi - lo > 0, hi - lo, 1.0)
+    Y = np.empty((int(n_rows), len(lo)), dtype=np.float32)
+    a = 0
+    for b in row_blocks():
+        Y[a : a + len(b)] = (b - lo) / scale  # rounded to float32 as astype does
+        a += len(b)
+    if a != n_rows:
+        raise ValueError(f"row blocks gave {a} rows, expected {n_rows}")
+    return Y, lo.astype(np.float32), scale.astype(np.float32)
+
+
+__all__ = ["feature_stats", "minmax", "minmax_rows"]
 
 
 class FootprintSampler:
