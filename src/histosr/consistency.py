@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.spatial import cKDTree
 
+from .arrays import ROW_BLOCK
 from .geometry import SP_PX, Grid, section_footprints
 
 # Added to every superpixel's prediction before scaling (relative to the mean predicted
@@ -31,21 +32,19 @@ K_SPOTS = 6
 POWER = 2.0
 #: superpixels predicted at once when the prediction is summed or streamed (x genes x 8 B)
 CELL_BLOCK = 8192
-# spots per block of the factor computation
-_SPOT_BLOCK = 2048
+#: spots per block of the factor computation
+_SPOT_BLOCK = ROW_BLOCK
 
 
 class _MeasuredRows:
     """A section's measured counts of ``genes`` as float64, read a block of spots per row
     slice (no whole spots x genes float64 copy: 172 MB for 21,540 spots x 1000 genes)."""
 
-    def __init__(self, counts, genes):
-        from .arrays import columns
-
-        self.counts, self.genes, self.columns = counts, list(genes), columns
+    def __init__(self, section, genes):
+        self.section, self.genes = section, list(genes)
 
     def __getitem__(self, rows: slice) -> np.ndarray:
-        return self.columns(self.counts[rows], self.genes)
+        return self.section.dense_counts(self.genes, rows)
 
 
 @dataclass
@@ -83,7 +82,7 @@ class ConsistencyScaler:
             pred = pred.astype(np.float64)
             add_sparse_product(sums, Fc[:, i : i + block], pred)
             total += pred.sum(axis=0)
-        measured = _MeasuredRows(section.counts, method.genes_)  # read a block at a time
+        measured = _MeasuredRows(section, method.genes_)  # read a block at a time
         return cls._from_sums(grid, section.spot_footprints(), sums,
                               total / max(len(cells), 1), np.asarray(Fc.sum(axis=1)).ravel(),
                               measured, section.spot_diameter_um, cells)

@@ -295,8 +295,7 @@ class PredictionSink:
     sum and max over the observations and the ``keep`` genes' columns (in memory). The
     file appears atomically (temp + rename) at :meth:`finish`; :meth:`close` after a
     failure removes the temp file. ``info``: what ``uns["histosr"]`` holds (``grid_shape``
-    added);
-    ``grid``: the 8 um grid of the observations' ``row``/``col``."""
+    added); ``grid``: the 8 um grid of the observations' ``row``/``col``."""
 
     def __init__(self, h5ad: str | Path | None, n: int, var: pd.DataFrame, info: dict, grid,
                  section=None, images: dict | None = None, keep=()):

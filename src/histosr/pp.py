@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 import scipy.sparse as sp
 
-from .arrays import dense, row_sums
+from .arrays import ROW_BLOCK, dense, row_sums
 from .errors import InputError
 
 
@@ -36,8 +36,8 @@ def shared_genes(data) -> list[str]:
     return [str(g) for g in tabs[0].var_names if str(g) in common]
 
 
-#: spots per block of :func:`select_genes` (float64 blocks of 2048 x genes)
-SPOT_BLOCK = 2048
+#: spots per block of :func:`select_genes`
+SPOT_BLOCK = ROW_BLOCK
 
 
 def _gene_blocks(tabs, genes: list[str]):

@@ -76,11 +76,13 @@ class Section:
     def spot_radius_px(self) -> float:
         return self.spot_diameter_um / 2.0 / self.um_per_px
 
-    def dense_counts(self, genes: list[str] | None = None) -> np.ndarray:
-        """Raw counts as a dense float64 array (spots x genes)."""
+    def dense_counts(self, genes: list[str] | None = None, rows=None) -> np.ndarray:
+        """Raw counts as a dense float64 array (spots x genes); ``rows``: only those spots
+        (a slice or integer positions), e.g. a block of a whole slide's spots."""
         from .arrays import columns, dense
 
-        return dense(self.counts.X) if genes is None else columns(self.counts, genes)
+        counts = self.counts if rows is None else self.counts[rows]
+        return dense(counts.X) if genes is None else columns(counts, genes)
 
     def spot_footprints(self) -> list[np.ndarray]:
         """Per spot, the (k, 2) disk centres whose union is its footprint."""

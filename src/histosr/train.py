@@ -183,8 +183,6 @@ def median_over_states(arrays: Iterable[Any]) -> np.ndarray:
     arrs = [a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a) for a in arrays]
     if not arrs:
         raise InputError("median_over_states needs at least one array")
-    if len(arrs) == 1:
-        return np.array(arrs[0], dtype=np.float32, copy=True)
     return median_inplace(np.stack(arrs, axis=0))
 
 

@@ -11,6 +11,7 @@ from typing import ClassVar
 import numpy as np
 
 from .. import train
+from ..arrays import ROW_BLOCK
 from ..errors import InputError
 from ..geometry import section_footprints
 from ..params import DEVICE, Interval, Options
@@ -19,8 +20,6 @@ from .scaling import FootprintSampler, feature_stats, minmax_rows
 
 # Upper bound on the (states x cells x genes) float32 block predicted at once.
 _PREDICT_BUDGET_BYTES = 2**27
-# training spots whose targets are read at once
-_SPOT_BLOCK = 2048
 
 
 def _build_mlp(d_in: int, n_genes: int, hidden: int, n_layers: int):
@@ -139,12 +138,10 @@ class IStar(SuperpixelMethod):
         """Float64 blocks of the training spots' counts per footprint superpixel, in
         training order, a block of spots at a time (a 40,000 px slide's 21,540 spots x 1000
         genes would be 172 MB at once)."""
-        from ..arrays import columns
-
         for sec, have, n in spots:
-            for a in range(0, len(have), _SPOT_BLOCK):
-                d = columns(sec.counts[have[a : a + _SPOT_BLOCK]], self.genes_)
-                d /= n[a : a + _SPOT_BLOCK, None]
+            for a in range(0, len(have), ROW_BLOCK):
+                d = sec.dense_counts(self.genes_, have[a : a + ROW_BLOCK])
+                d /= n[a : a + ROW_BLOCK, None]
                 yield d
 
     def _fit(self, sections, features) -> None:
